@@ -1,0 +1,149 @@
+"""``load_model``: the pipeline's orchestration, stage by stage.
+
+build on meta -> open the checkpoint lazily -> assign mmap'd tensors ->
+materialise buffers on the device -> move/cast/permute tensor by tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Union
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from leangen.buffers import check_no_meta, materialise_buffers
+from leangen.checkpoint import CheckpointPath
+from leangen.convert import Geometry, Transform
+from leangen.errors import ConfigError, ConversionError, LeangenError
+from leangen.move import move_to_device
+from leangen.view import Checkpoint, open_checkpoint
+
+Builder = Union[str, Callable[..., torch.nn.Module], DictConfig]
+
+DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+
+# Devices that cannot compute in some dtype, with what to do instead.
+_DTYPE_SUPPORT = {
+    "cuda": lambda dtype: dtype != torch.bfloat16 or torch.cuda.is_bf16_supported(),
+}
+
+# Above this many bytes a GPU load shows a progress bar; a CPU load never does.
+_PROGRESS_BYTES = 1 << 30
+
+
+def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | torch.device = "cpu",
+               dtype: str | torch.dtype = "auto", model_type: str = "auto",
+               **builder_kwargs: Any) -> torch.nn.Module:
+    """Build ``builder`` on meta and fill it from ``checkpoint`` without copying.
+
+    ``builder`` is a dotted path, a callable or a DictConfig with ``_component_``;
+    ``builder_kwargs`` go to it. ``checkpoint`` is a directory, a file or a list of
+    files. ``dtype="auto"`` keeps the stored dtype: on CPU the parameters are then the
+    file's mmap itself. Returns the model in eval mode on ``device``, nothing on meta.
+    """
+    device = resolve_device(device)
+    model = build_on_meta(builder, **builder_kwargs)
+    view = open_checkpoint(checkpoint, model_type=model_type, geometry=Geometry.from_model(model))
+    dtype = resolve_dtype(dtype, view, device)
+    pending = assign(model, view)
+    materialise_buffers(model, device)
+    nbytes = sum(t.numel() * dtype.itemsize for t in model.parameters())
+    move_to_device(model, pending, device, dtype,
+                   progress=device.type != "cpu" and nbytes > _PROGRESS_BYTES)
+    check_no_meta(model)
+    return model.eval().requires_grad_(False)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"device '{device}' is not a torch device ({e}). Use auto, cpu or cuda.") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LeangenError(
+            f"device '{device}' was asked for, but this torch ({torch.__version__}) sees no CUDA "
+            "GPU. Use device: cpu (or auto)."
+        )
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype, view: Checkpoint, device: torch.device) -> torch.dtype:
+    """'auto' is the dtype holding most of the checkpoint's floating-point bytes."""
+    if dtype == "auto":
+        totals: dict[torch.dtype, int] = {}
+        for name in view:
+            if view.dtype(name).is_floating_point:
+                totals[view.dtype(name)] = totals.get(view.dtype(name), 0) + view.shape(name).numel()
+        resolved = max(totals, key=totals.get) if totals else torch.float32
+    elif isinstance(dtype, torch.dtype):
+        resolved = dtype
+    elif dtype in DTYPES:
+        resolved = DTYPES[dtype]
+    else:
+        raise ConfigError(f"dtype '{dtype}' is unknown. Use auto or one of: {', '.join(DTYPES)}.")
+    if not _DTYPE_SUPPORT.get(device.type, lambda _: True)(resolved):
+        raise LeangenError(
+            f"dtype {resolved} is not supported on {device} ({torch.cuda.get_device_name(device)}). "
+            "Use dtype: fp16 or fp32."
+        )
+    return resolved
+
+
+def build_on_meta(builder: Builder, **builder_kwargs: Any) -> torch.nn.Module:
+    """The builder's model with every parameter on meta: no memory, no random init."""
+    from torchtune import config as tt_config
+
+    if isinstance(builder, str):
+        builder = OmegaConf.create({"_component_": builder})
+    try:
+        with torch.device("meta"):
+            if isinstance(builder, DictConfig):
+                return tt_config.instantiate(builder, **builder_kwargs)
+            return builder(**builder_kwargs)
+    except (ImportError, AttributeError, TypeError, ValueError) as e:
+        name = builder.get("_component_") if isinstance(builder, DictConfig) else builder
+        raise ConfigError(f"model builder {name!r} failed: {e}") from e
+
+
+def assign(model: torch.nn.Module, view: Checkpoint) -> dict[str, Transform]:
+    """Attach the checkpoint's mmap views as the parameters; return the transforms still to run."""
+    expected = model.state_dict()  # meta tensors: names and shapes only
+    names = [n for n in view if n in expected or n != "output.weight"]  # tied builder: drop lm_head
+    _check_keys(expected, names, view)
+    _check_shapes(expected, view)
+    model.load_state_dict({n: view.stored(n) for n in expected}, strict=True, assign=True)
+    return {n: view.entries[n].transform for n in expected if view.entries[n].transform.computes}
+
+
+def _check_keys(expected: dict, names: list[str], view: Checkpoint) -> None:
+    missing = [n for n in expected if n not in view]
+    unexpected = [n for n in names if n not in expected]
+    files = ", ".join(map(str, view.files[:2])) + (" ..." if len(view.files) > 2 else "")
+    if missing == ["output.weight"] and "tok_embeddings.weight" in view:
+        raise ConversionError(
+            f"{files}: the checkpoint ties the output projection to the embedding (no lm_head), "
+            "but the builder has a separate output.weight. Use a tied builder (e.g. "
+            "llama3_2, qwen2 with tie_word_embeddings=True, gemma) that matches the checkpoint."
+        )
+    if missing or unexpected:
+        raise ConversionError(
+            f"{files}: the checkpoint does not fit the builder: {len(missing)} missing "
+            f"(first: {', '.join(missing[:3]) or '-'}), {len(unexpected)} unexpected "
+            f"(first: {', '.join(unexpected[:3]) or '-'}). Check the builder and model_type."
+        )
+
+
+def _check_shapes(expected: dict, view: Checkpoint) -> None:
+    wrong = [(n, view.shape(n), t.shape) for n, t in expected.items() if view.shape(n) != t.shape]
+    if wrong:
+        listed = "; ".join(f"'{n}': checkpoint {tuple(c)} vs model {tuple(m)}" for n, c, m in wrong[:3])
+        raise ConversionError(
+            f"{len(wrong)} tensors have the wrong shape ({listed}). The builder probably does "
+            "not match the checkpoint: check the model component and its size arguments."
+        )

@@ -1,0 +1,109 @@
+"""The lazy, torchtune-named view of a checkpoint: ``open_checkpoint`` and ``load_tensors``."""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+
+from leangen.checkpoint import CheckpointPath, RawCheckpoint, open_raw
+from leangen.convert import Entry, Family, Geometry, detect_family, plan
+from leangen.errors import ConversionError
+
+# load_tensors' fallbacks for checkpoints that tie the output projection to the embedding.
+TIED_ALIASES = {"output.weight": "tok_embeddings.weight"}
+
+
+class Checkpoint:
+    """A checkpoint under torchtune's names. Listing reads only headers; tensors are
+    mmap views (transformed only where the format needs it, e.g. HF q/k rows)."""
+
+    def __init__(self, raw: RawCheckpoint, family: Family, geometry: Geometry | None):
+        self.raw = raw
+        self.family = family
+        self.entries: dict[str, Entry] = plan(raw.names(), raw.shape, raw.dtype, family, geometry)
+
+    @property
+    def files(self):
+        return self.raw.files
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def shape(self, name: str) -> torch.Size:
+        return self._entry(name).shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._entry(name).dtype
+
+    def stored(self, name: str) -> torch.Tensor:
+        """The stored bytes for ``name`` as a CPU mmap view, before any computing transform."""
+        entry = self._entry(name)
+        rows = entry.transform.rows
+        return self.raw.slice(entry.key, 0, *rows) if rows else self.raw.tensor(entry.key)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._entry(name).transform.apply(self.stored(name))
+
+    def slice(self, name: str, start: int, stop: int, *, dim: int = 0) -> torch.Tensor:
+        """Rows or columns ``[start, stop)`` of one tensor, reading only what they need.
+
+        A permuted q/k tensor is read in whole heads (the permutation stays inside a
+        head), so a tensor-parallel rank's head-aligned shard reads exactly its rows.
+        """
+        entry = self._entry(name)
+        size = entry.shape[dim]
+        if not 0 <= start <= stop <= size:
+            raise IndexError(f"slice [{start}:{stop}] out of range for '{name}' (dim {dim} has {size}).")
+        t = entry.transform
+        if dim != 0 or not t.permute_heads:  # the permutation moves rows only
+            return t.apply(self.stored(name).narrow(dim, start, stop - start))
+        head = size // t.permute_heads
+        first, last = start // head, -(-stop // head)
+        rows = self.stored(name).narrow(0, first * head, (last - first) * head)
+        shard = type(t)(permute_heads=last - first).apply(rows)
+        return shard.narrow(0, start - first * head, stop - start)
+
+    def _entry(self, name: str) -> Entry:
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise ConversionError(
+                f"'{name}' is not in the checkpoint ({', '.join(map(str, self.files))}). "
+                f"It has {len(self.entries)} tensors, e.g. {', '.join(list(self.entries)[:3])}."
+            ) from None
+
+
+def open_checkpoint(checkpoint: CheckpointPath, *, model_type: str = "auto",
+                    geometry: Geometry | None = None) -> Checkpoint:
+    """A lazy view of ``checkpoint`` (directory, file, index or list of files).
+
+    ``model_type`` is 'auto' (config.json, else key names), a torchtune ModelType name
+    (llama2, llama3, llama3_2, mistral, qwen2, gemma, gemma2, phi3_mini, phi4) or an HF
+    model_type. ``geometry`` defaults to config.json's head counts.
+    """
+    raw = open_raw(checkpoint)
+    family = detect_family(model_type, raw.config, raw.names())
+    return Checkpoint(raw, family, geometry or Geometry.from_config(raw.config))
+
+
+def load_tensors(checkpoint: CheckpointPath, names: Iterable[str], *,
+                 model_type: str = "auto") -> dict[str, torch.Tensor]:
+    """Selected tensors by torchtune name, without building a model or reading others."""
+    view = open_checkpoint(checkpoint, model_type=model_type)
+    return {name: view.tensor(_tied_fallback(view, name)) for name in names}
+
+
+def _tied_fallback(view: Checkpoint, name: str) -> str:
+    if name not in view and TIED_ALIASES.get(name) in view:
+        return TIED_ALIASES[name]
+    return name
