@@ -1,0 +1,34 @@
+"""Run figures for the recipes: timing, model bytes, peak memory, and the summary line."""
+
+from __future__ import annotations
+
+import resource
+from typing import Any
+
+import torch
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def peak_host_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def peak_device_bytes(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def summary(metrics: dict[str, Any]) -> str:
+    """One human line for stderr."""
+    device = metrics.get("peak_device_bytes")
+    parts = [
+        f"load {metrics['load_seconds']:.2f} s",
+        f"first token {metrics['first_token_seconds']:.2f} s" if "first_token_seconds" in metrics else None,
+        f"{metrics['tokens_per_second']:.1f} tok/s" if metrics.get("tokens_per_second") else None,
+        f"{metrics['bandwidth_gb_per_s']:.1f} GB/s" if metrics.get("bandwidth_gb_per_s") else None,
+        f"peak host RSS {metrics['peak_host_rss_bytes'] / 2**30:.2f} GiB",
+        f"peak device {device / 2**30:.2f} GiB" if device is not None else None,
+    ]
+    return " | ".join(p for p in parts if p)

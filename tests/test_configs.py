@@ -1,0 +1,65 @@
+"""Every packaged config resolves, validates against its recipe's schema, and binds
+its components' signatures, without weights (torchtune's config.validate)."""
+
+import pytest
+from omegaconf import OmegaConf
+from torchtune import config as tt_config
+
+from leangen.config import packaged_config_names, parse_args, resolve_config_path
+from leangen.errors import ConfigError
+from leangen.generate import GenerateConfig
+
+GENERATE_CONFIGS = ["demo", "mistral7b", "llama2_7b", "code_llama2_7b", "llama3_1_8b", "llama3_2_1b",
+                    "llama3_2_3b", "qwen2_5_0_5b", "qwen2_5_7b", "gemma_2b", "phi3_mini"]
+
+
+def test_all_promised_configs_are_packaged():
+    assert set(GENERATE_CONFIGS) <= set(packaged_config_names())
+
+
+@pytest.mark.parametrize("name", GENERATE_CONFIGS)
+def test_generate_config_validates_and_binds(name):
+    cfg = parse_args(["--config", name], GenerateConfig)
+    tt_config.validate(cfg)  # binds model/tokenizer kwargs to the builders' signatures
+    text = resolve_config_path(name).read_text()
+    assert text.startswith("#") and "tune run leangen/generate --config " + name in text
+
+
+@pytest.mark.parametrize("name", GENERATE_CONFIGS)
+def test_no_packaged_name_shadows_a_torchtune_config(name):
+    from torchtune._recipe_registry import get_all_recipes
+
+    torchtune_names = {c.name for r in get_all_recipes() for c in r.configs}
+    assert name not in torchtune_names
+
+
+def test_name_with_yaml_suffix_and_path_resolve_to_the_same_file(tmp_path):
+    packaged = resolve_config_path("demo")
+    assert resolve_config_path("demo.yaml") == packaged
+    copy = tmp_path / "mine.yaml"
+    copy.write_text(packaged.read_text())
+    assert resolve_config_path(str(copy)) == copy
+
+
+def test_overrides_and_removals_work_as_in_torchtune():
+    cfg = parse_args(["--config", "demo", "max_new_tokens=7", "temperature=0", "~top_k",
+                      "checkpoint.path=/x"], GenerateConfig)
+    assert cfg.max_new_tokens == 7 and cfg.temperature == 0
+    assert cfg.top_k == GenerateConfig.top_k  # removed from the YAML: the schema default
+    assert OmegaConf.select(cfg, "checkpoint.path") == "/x"
+
+
+@pytest.mark.parametrize("override, key", [
+    (["not_a_key=1"], "not_a_key"),
+    (["max_new_tokens=lots"], "max_new_tokens"),
+    (["enable_kv_cache=maybe"], "enable_kv_cache"),
+])
+def test_unknown_keys_and_wrong_types_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"'{key}'") as info:
+        parse_args(["--config", "demo", *override], GenerateConfig)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_config_lists_packaged_names():
+    with pytest.raises(ConfigError, match="mistral7b"):
+        resolve_config_path("no_such_config")
