@@ -139,11 +139,13 @@ _LAYER_NUMBER = re.compile(r"\.(\d+)(?=\.|$)")
 
 
 def family_named(model_type: str) -> Family:
-    if model_type not in ALIASES:
+    # torchtune's own YAMLs spell ModelType members in capitals (model_type: LLAMA3_2).
+    name = model_type if model_type in ALIASES else model_type.lower()
+    if name not in ALIASES:
         raise ConversionError(
             f"unknown model_type '{model_type}'. Use 'auto' or one of: {', '.join(sorted(ALIASES))}."
         )
-    return FAMILIES[ALIASES[model_type]]
+    return FAMILIES[ALIASES[name]]
 
 
 def detect_family(model_type: str, config: dict | None, keys: list[str]) -> Family:
@@ -178,7 +180,9 @@ def plan(keys: list[str], shape_of, dtype_of, family: Family, geometry: Geometry
         target = table[template]
         if target is None:  # e.g. rotary_emb.inv_freq: recomputed, not loaded
             continue
-        for name, transform in _expand(target.format(*layers), shape_of(key), family, source, geometry):
+        parts = list(_expand(target.format(*layers), shape_of(key), family, source, geometry))
+        _check_split(key, shape_of(key), parts, geometry)
+        for name, transform in parts:
             shape = shape_of(key) if transform.rows is None else _rows_shape(shape_of(key), transform.rows)
             entries[name] = Entry(key, shape, dtype_of(key), transform)
     return entries
@@ -196,6 +200,21 @@ def _expand(tune_key, shape, family, source, geometry):
     for name, rows in parts:
         heads = _heads_to_permute(name, geometry) if source == "hf" and family.permute_qk else 0
         yield name, Transform(rows=rows, permute_heads=heads)
+
+
+def _check_split(key: str, shape: torch.Size, parts, g: Geometry | None) -> None:
+    """The row ranges of a fused tensor must tile its rows exactly. Head counts that do
+    not match the checkpoint would otherwise give right-shaped views of the wrong rows."""
+    ranges = [t.rows for _, t in parts if t.rows]
+    stops = [stop for _, stop in ranges]
+    if not ranges or [start for start, _ in ranges] == [0] + stops[:-1] and stops[-1] == shape[0]:
+        return
+    heads = f" ({g.num_heads} heads, {g.num_kv_heads} kv heads of {g.head_dim})" if g else ""
+    raise ConversionError(
+        f"'{key}' has shape {tuple(shape)}, but splitting it into {', '.join(n for n, _ in parts)} "
+        f"takes rows {', '.join(f'{a}:{b}' for a, b in ranges)}{heads}. The builder probably "
+        "does not match the checkpoint: check its head counts."
+    )
 
 
 def _is_qk(tune_key: str) -> bool:

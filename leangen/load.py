@@ -98,6 +98,7 @@ def resolve_dtype(dtype: str | torch.dtype, view: Checkpoint, device: torch.devi
 def build_on_meta(builder: Builder, **builder_kwargs: Any) -> torch.nn.Module:
     """The builder's model with every parameter on meta: no memory, no random init."""
     from torchtune import config as tt_config
+    from torchtune.config._errors import InstantiationError  # a dotted path that does not import
 
     if isinstance(builder, str):
         builder = OmegaConf.create({"_component_": builder})
@@ -106,7 +107,7 @@ def build_on_meta(builder: Builder, **builder_kwargs: Any) -> torch.nn.Module:
             if isinstance(builder, DictConfig):
                 return tt_config.instantiate(builder, **builder_kwargs)
             return builder(**builder_kwargs)
-    except (ImportError, AttributeError, TypeError, ValueError) as e:
+    except (ImportError, AttributeError, TypeError, ValueError, InstantiationError) as e:
         name = builder.get("_component_") if isinstance(builder, DictConfig) else builder
         raise ConfigError(f"model builder {name!r} failed: {e}") from e
 
@@ -130,6 +131,13 @@ def _check_keys(expected: dict, names: list[str], view: Checkpoint) -> None:
             f"{files}: the checkpoint ties the output projection to the embedding (no lm_head), "
             "but the builder has a separate output.weight. Use a tied builder (e.g. "
             "llama3_2, qwen2 with tie_word_embeddings=True, gemma) that matches the checkpoint."
+        )
+    if "output.weight" in view and "output.weight" not in expected \
+            and (view.raw.config or {}).get("tie_word_embeddings") is False:
+        raise ConversionError(
+            f"{files}: the checkpoint has its own output projection (lm_head; config.json says "
+            "tie_word_embeddings: false), but the builder ties output.weight to the embedding "
+            "and would drop it. Use an untied builder (e.g. tie_word_embeddings=False)."
         )
     if missing or unexpected:
         raise ConversionError(

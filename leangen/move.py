@@ -53,8 +53,8 @@ class Stager:
                 event.synchronize()  # the previous transfer out of this buffer is done
             buffer[:n].copy_(src_bytes[start:start + n])
             dst_bytes[start:start + n].copy_(buffer[:n], non_blocking=True)
-            if event is not None:
-                event.record()
+            if event is not None:  # on the stream that carries copies to this device
+                event.record(torch.cuda.current_stream(self.device))
             self._next ^= 1
         return dst
 

@@ -68,7 +68,7 @@ class TorchPickleReader:
         except pickle.UnpicklingError as e:
             raise CheckpointError(
                 f"{path}: refused to unpickle: it needs code beyond plain tensors "
-                f"(weights_only=True rejected it: {str(e).splitlines()[0]}). leangen never "
+                f"(weights_only=True rejected it: {_blocked(e)}). leangen never "
                 "runs code from a checkpoint; convert it to safetensors in a trusted environment."
             ) from e
         except (RuntimeError, OSError, EOFError, ValueError) as e:
@@ -84,6 +84,14 @@ class TorchPickleReader:
 
     def tensor(self, name):
         return self._tensors[name]
+
+
+def _blocked(error: pickle.UnpicklingError) -> str:
+    """The line of torch's message that names what was refused. Its first line is a
+    generic preamble that suggests weights_only=False, which leangen must not echo."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (named or lines or [type(error).__name__])[0]
 
 
 def _tensor_dict(loaded, path: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny HF checkpoints, built once per session and shared read-only.
+
+A test that changes files (truncates, deletes, renames) must build its own with
+``tiny_models.make_hf_checkpoint(..., tmp_path)`` instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny_models import TinyCheckpoint, make_hf_checkpoint
+
+# Tiny models gain nothing from intra-op threads, and on a busy 2-core machine
+# OpenMP's spinning workers make each forward ~100x slower (0.5 s instead of 5 ms).
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """``tiny_checkpoint(family, fmt=..., shards=..., tied=...)`` -> TinyCheckpoint, cached."""
+    cache: dict[tuple, TinyCheckpoint] = {}
+
+    def get(family: str, *, fmt: str = "safetensors", shards: bool = True,
+            tied: bool | None = None) -> TinyCheckpoint:
+        key = (family, fmt, shards, tied)
+        if key not in cache:
+            root = tmp_path_factory.mktemp(f"{family}-{fmt}")
+            cache[key] = make_hf_checkpoint(family, root, fmt=fmt, shards=shards, tied=tied)
+        return cache[key]
+
+    return get
+
+
+def directory_digest(path: Path) -> dict[str, str]:
+    """sha256 of every file under ``path``, by relative name."""
+    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+@pytest.fixture
+def digest():
+    return directory_digest

@@ -1,0 +1,69 @@
+"""buffers: nothing left on meta, and RoPE bit-identical to an eager build."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import leangen
+from leangen import LeangenError
+from leangen.buffers import check_no_meta, materialise_buffers
+from tiny_models import FAMILIES
+
+
+def _eager(builder: str, kwargs: dict) -> torch.nn.Module:
+    from torchtune import config
+
+    with torch.device("cpu"):
+        return config.instantiate(OmegaConf.create({"_component_": builder}), **kwargs)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_meta_free_and_rope_identical_to_eager(tiny_checkpoint, family):
+    path, builder, kwargs, _ = tiny_checkpoint(family)
+    model = leangen.load_model(builder, path, **kwargs)
+    tensors = list(model.parameters()) + list(model.buffers())
+    assert tensors and not any(t.is_meta for t in tensors)
+    loaded, eager = dict(model.named_buffers()), dict(_eager(builder, kwargs).named_buffers())
+    assert loaded.keys() == eager.keys()
+    assert [n.rpartition(".")[2] for n in eager] == ["theta", "cache"]  # one RoPE, shared
+    ropes = {id(layer.attn.pos_embeddings) for layer in model.layers}
+    assert len(ropes) == 1 and model.layers[-1].attn.pos_embeddings.cache.device.type == "cpu"
+    for name, buffer in eager.items():
+        assert loaded[name].dtype == buffer.dtype == torch.float32, name
+        assert torch.equal(loaded[name], buffer), name
+
+
+def test_scaled_rope_registers_nothing_on_meta_yet_is_rebuilt():
+    builder, kwargs = FAMILIES["llama3_2"].builder, FAMILIES["llama3_2"].builder_kwargs
+    from leangen.load import build_on_meta
+
+    model = build_on_meta(builder, **kwargs)
+    assert dict(model.named_buffers()) == {}  # why leangen looks for rope_init, not for meta buffers
+    materialise_buffers(model, torch.device("cpu"))
+    eager = dict(_eager(builder, kwargs).named_buffers())
+    assert eager and all(torch.equal(b, eager[n]) for n, b in model.named_buffers())
+
+
+def test_rope_identical_under_bf16_default_dtype(tiny_checkpoint):
+    """torchtune recipes build under a bf16 default dtype; RoPE stays fp32 either way."""
+    from torchtune.training import set_default_dtype
+
+    path, builder, kwargs, _ = tiny_checkpoint("llama3_2")
+    with set_default_dtype(torch.bfloat16):
+        model = leangen.load_model(builder, path, dtype="bf16", **kwargs)
+        eager = dict(_eager(builder, kwargs).named_buffers())
+    for name, buffer in model.named_buffers():
+        assert buffer.dtype == torch.float32 and torch.equal(buffer, eager[name]), name
+
+
+def test_check_no_meta_names_module_and_tensor():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    model[0].register_buffer("mask", torch.empty(2, device="meta"))
+    with pytest.raises(LeangenError, match=r"'mask' of module '0' \(Linear\) is still on the meta device"):
+        check_no_meta(model)
+    with torch.device("meta"):
+        root = torch.nn.Linear(2, 2)
+    with pytest.raises(LeangenError, match=r"'weight' of module 'model' \(Linear\)"):
+        check_no_meta(root)
