@@ -57,7 +57,7 @@ def generate_steps(model: torch.nn.Module, prompts: list[list[int]], *, max_new_
     stops = torch.tensor(stop_tokens, device=device)
     active = torch.ones(len(prompts), dtype=torch.bool, device=device)
     with _caches(model, use_cache, len(prompts), batch.total_len, device):
-        decode = decode_forward or model
+        decode = model if decode_forward is None else decode_forward
         end = batch.prompt_len
         logits = _forward(model, batch, 0, end, use_cache)
         for _ in range(max_new_tokens):

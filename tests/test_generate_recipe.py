@@ -190,3 +190,9 @@ def test_python_dash_m_and_bad_config_exit_code(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == \
         "error: /missing: checkpoint path does not exist. Check checkpoint.path."
     assert "Traceback" not in result.stderr
+
+
+def test_compile_gives_the_same_tokens_on_cpu(capsys, tmp_path):
+    out = tmp_path / "out.jsonl"
+    assert run(capsys, "compile=true", "max_new_tokens=6", f"output_file={out}")[0] == 0
+    assert records(out)[0]["tokens"] == GOLDEN_IDS[:6]
