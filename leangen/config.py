@@ -13,7 +13,6 @@ import functools
 import os
 import sys
 from dataclasses import fields
-from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -36,11 +35,11 @@ OmegaConf.register_resolver("leangen.demo", _demo_file, replace=True)
 
 
 def packaged_configs_dir() -> Path:
-    """Where the packaged YAMLs are: in the wheel, else in the source checkout."""
-    try:
-        return Path(str(resources.files("leangen._configs")))
-    except ModuleNotFoundError:  # running from a checkout that was not installed
-        return Path(__file__).resolve().parent.parent / "recipes" / "configs"
+    """Where the packaged YAMLs are: ``leangen/_configs`` in a wheel (pyproject maps
+    recipes/configs there), else ``recipes/configs`` beside an editable checkout."""
+    here = Path(__file__).resolve().parent
+    installed = here / "_configs"
+    return installed if installed.is_dir() else here.parent / "recipes" / "configs"
 
 
 def packaged_config_names() -> list[str]:

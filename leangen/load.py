@@ -115,7 +115,10 @@ def build_on_meta(builder: Builder, **builder_kwargs: Any) -> torch.nn.Module:
 def assign(model: torch.nn.Module, view: Checkpoint) -> dict[str, Transform]:
     """Attach the checkpoint's mmap views as the parameters; return the transforms still to run."""
     expected = model.state_dict()  # meta tensors: names and shapes only
-    names = [n for n in view if n in expected or n != "output.weight"]  # tied builder: drop lm_head
+    # A tied builder has no output.weight: a stored lm_head is dropped, as torchtune does
+    # (_check_keys refuses it when config.json says the checkpoint is untied).
+    tied_builder = "output.weight" not in expected
+    names = [n for n in view if not (tied_builder and n == "output.weight")]
     _check_keys(expected, names, view)
     _check_shapes(expected, view)
     model.load_state_dict({n: view.stored(n) for n in expected}, strict=True, assign=True)
