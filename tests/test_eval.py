@@ -1,0 +1,189 @@
+"""The eval recipe end to end on the shipped demo, offline: packaged configs, the
+local lm-eval task against lm-eval's own HF backend, the ways to run it, and the
+one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest
+from torchtune import config as tt_config
+
+from leangen.config import packaged_config_names, parse_args, resolve_config_path
+from leangen.demo import demo_dir
+from leangen.eval import EvalConfig, main
+
+EVAL_CONFIGS = ["eval_demo", "eval_mistral7b", "eval_llama2_7b", "eval_llama3_1_8b",
+                "eval_llama3_2_1b", "eval_qwen2_5_0_5b", "eval_gemma_2b", "eval_phi3_mini"]
+TASKS = demo_dir() / "eval" / "tasks"
+COUNTING = demo_dir() / "eval" / "counting.txt"
+# the `tune` of this interpreter's environment, even when that environment is not activated
+_VENV_TUNE = Path(sys.executable).with_name("tune")
+TUNE = str(_VENV_TUNE) if _VENV_TUNE.exists() else "tune"
+
+
+def run(capsys, *args):
+    """The recipe in-process: (return code, stdout, stderr)."""
+    code = main(["--config", "eval_demo", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -- packaged configs ---------------------------------------------------------------
+
+def test_all_eval_configs_are_packaged():
+    assert set(EVAL_CONFIGS) <= set(packaged_config_names())
+
+
+@pytest.mark.parametrize("name", EVAL_CONFIGS)
+def test_eval_config_validates_binds_and_says_how_to_run(name):
+    cfg = parse_args(["--config", name], EvalConfig)
+    tt_config.validate(cfg)  # binds model/tokenizer kwargs to the builders' signatures
+    text = resolve_config_path(name).read_text()
+    assert text.startswith("#") and f"tune run leangen/eval --config {name}\n" in text
+
+
+def test_no_eval_config_shadows_a_torchtune_config():
+    from torchtune._recipe_registry import get_all_recipes
+
+    torchtune_names = {c.name for r in get_all_recipes() for c in r.configs}
+    assert not torchtune_names & set(EVAL_CONFIGS)
+
+
+def test_shipped_task_files_are_what_the_script_writes(tmp_path):
+    script = resolve_config_path("eval_demo").parents[2] / "tools" / "make_eval_task.py"
+    if not script.exists():
+        pytest.skip("installed without the repository's tools/")
+    subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], check=True, capture_output=True)
+    for name in ["counting.txt", "tasks/counting_mc.yaml", "tasks/counting_mc.jsonl"]:
+        assert (tmp_path / name).read_bytes() == (demo_dir() / "eval" / name).read_bytes(), name
+
+
+# -- end to end ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "results.json"
+    assert main(["--config", "eval_demo", f"output_file={out}"]) == 0
+    return json.loads(out.read_text())
+
+
+def test_demo_results_have_the_promised_shape(demo_results):
+    assert set(demo_results) == {"perplexity", "lm_eval", "metrics"}
+    assert set(demo_results["perplexity"]) == {str(COUNTING), "all"}
+    for report in demo_results["perplexity"].values():
+        assert set(report) == {"ppl", "nll", "tokens"}
+    assert demo_results["perplexity"]["all"]["tokens"] == 171  # BOS + 171 tokens, first unscored
+    assert 1 <= demo_results["perplexity"]["all"]["ppl"] < 1.5  # the model counts well
+    assert set(demo_results["metrics"]) == {"load_seconds", "tokens_per_second"}
+    assert demo_results["metrics"]["tokens_per_second"] > 0
+    assert demo_results["lm_eval"]["results"]["counting_mc"]["acc,none"] > 0.9
+
+
+def test_local_task_accuracy_equals_lm_eval_hf_backend(demo_results):
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import LlamaTokenizer
+
+    # The demo ships a bare sentencepiece model: build the HF tokenizer from it offline.
+    tokenizer = LlamaTokenizer.from_pretrained(demo_dir(), add_bos_token=True)
+    hflm = HFLM(pretrained=str(demo_dir()), tokenizer=tokenizer, device="cpu", batch_size=8)
+    out = simple_evaluate(model=hflm, tasks=["counting_mc"], num_fewshot=0, log_samples=False,
+                          task_manager=TaskManager(include_path=str(TASKS), include_defaults=False))
+    want = out["results"]["counting_mc"]
+    got = demo_results["lm_eval"]["results"]["counting_mc"]
+    for metric in ["acc,none", "acc_norm,none"]:
+        assert got[metric] == want[metric], metric
+
+
+def test_local_task_loglikelihoods_equal_lm_eval_hf_backend():
+    """Stronger than accuracy: every choice's score, document by document."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from torchtune.models.llama2 import llama2_tokenizer
+    from transformers import LlamaTokenizer
+
+    from leangen import load_model
+    from leangen.lm_eval_adapter import LeangenLM
+
+    cfg = parse_args(["--config", "eval_demo"], EvalConfig)
+    model = load_model(cfg.model, demo_dir(), model_type="llama2")
+    ours = LeangenLM(model, llama2_tokenizer(str(demo_dir() / "tokenizer.model")), max_length=256)
+    hflm = HFLM(pretrained=str(demo_dir()), device="cpu", batch_size=8,
+                tokenizer=LlamaTokenizer.from_pretrained(demo_dir(), add_bos_token=True))
+    samples = {}
+    for name, lm in [("ours", ours), ("hf", hflm)]:
+        out = simple_evaluate(model=lm, tasks=["counting_mc"], limit=24, log_samples=True,
+                              task_manager=TaskManager(include_path=str(TASKS), include_defaults=False))
+        samples[name] = {s["doc_id"]: s["resps"] for s in out["samples"]["counting_mc"]}
+    assert samples["ours"].keys() == samples["hf"].keys()
+    for doc_id, resps in samples["ours"].items():
+        got = [r[0][0] for r in resps]
+        want = [r[0][0] for r in samples["hf"][doc_id]]
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-5), doc_id
+
+
+def test_chat_template_runs(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code, _, err = run(capsys, "~perplexity", "lm_eval.apply_chat_template=true", "lm_eval.limit=4",
+                       f"output_file={out}")
+    assert code == 0, err
+    assert "acc,none" in json.loads(out.read_text())["lm_eval"]["results"]["counting_mc"]
+
+
+def test_tune_run_finds_the_recipe(tmp_path):
+    out = tmp_path / "r.json"
+    proc = subprocess.run(
+        [TUNE, "run", "leangen/eval", "--config", "eval_demo", "~lm_eval", f"output_file={out}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "counting.txt" in proc.stdout and json.loads(out.read_text())["lm_eval"] is None
+
+
+# -- one-line errors ------------------------------------------------------------------
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (None, "does not exist"),
+    ("", "is empty"),
+    (" ", "1 token(s)"),  # BOS only: nothing to score
+])
+def test_bad_text_files_give_one_line_errors(tmp_path, capsys, content, fragment):
+    path = tmp_path / "text.txt"
+    if content is not None:
+        path.write_text(content)
+    code, _, err = run(capsys, f"perplexity.files=[{path}]", "~lm_eval", f"output_file={tmp_path}/r.json")
+    assert_one_line_error(code, err, str(path), fragment)
+
+
+def test_unknown_task_gives_a_one_line_error(tmp_path, capsys):
+    code, _, err = run(capsys, "lm_eval.tasks=[no_such_task]", f"output_file={tmp_path}/r.json")
+    assert_one_line_error(code, err, "unknown task 'no_such_task'", str(TASKS))
+
+
+def test_max_seq_len_beyond_the_model_gives_a_one_line_error(tmp_path, capsys):
+    code, _, err = run(capsys, "max_seq_len=512", "~lm_eval", f"output_file={tmp_path}/r.json")
+    assert_one_line_error(code, err, "max_seq_len=512", "256")
+
+
+def test_without_lm_eval_the_error_says_how_to_install(tmp_path, capsys, monkeypatch):
+    for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules: import fails
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    code, _, err = run(capsys, f"output_file={tmp_path}/r.json")
+    assert_one_line_error(code, err, "pip install 'leangen[eval]'")
