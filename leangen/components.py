@@ -7,8 +7,9 @@ ever written to the checkpointer's ``output_dir``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -25,6 +26,18 @@ CHECKPOINTERS = {
     "torchtune.training.checkpointing.FullModelMetaCheckpointer",
     "torchtune.training.checkpointing.FullModelTorchTuneCheckpointer",
 }
+
+
+@dataclass
+class ModelKeys:
+    """The config keys every recipe shares: what to load, and where to run it."""
+
+    model: Any = None
+    tokenizer: Any = None
+    checkpoint: Optional[Any] = None
+    checkpointer: Optional[Any] = None  # a torchtune checkpointer block, read not instantiated
+    device: str = "auto"  # cuda when available, else cpu
+    dtype: str = "auto"  # the stored dtype: zero copy on CPU
 
 
 def checkpoint_source(cfg: DictConfig) -> tuple[Any, str]:

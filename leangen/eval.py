@@ -28,7 +28,7 @@ from typing import Any, List, Optional
 
 from omegaconf import DictConfig
 
-from leangen.components import model_from_config, tokenizer_from_config
+from leangen.components import ModelKeys, model_from_config, tokenizer_from_config
 from leangen.config import parse_args, run_recipe
 from leangen.errors import ConfigError
 from leangen.load import resolve_device
@@ -53,15 +53,9 @@ class LmEvalConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(ModelKeys):
     """The recipe's keys; README "Evaluate" documents each."""
 
-    model: Any = None
-    tokenizer: Any = None
-    checkpoint: Optional[Any] = None
-    checkpointer: Optional[Any] = None  # a torchtune checkpointer block, read not instantiated
-    device: str = "auto"
-    dtype: str = "auto"
     max_seq_len: int = 2048  # tokens per window / request, at most the model's own
     batch_size: int = 8
     perplexity: Optional[PerplexityConfig] = None

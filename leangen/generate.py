@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig
 
-from leangen.components import model_from_config, tokenizer_from_config
+from leangen.components import ModelKeys, model_from_config, tokenizer_from_config
 from leangen.config import parse_args, run_recipe
 from leangen.errors import ConfigError
 from leangen.generation import generate_steps
@@ -26,15 +26,9 @@ from leangen.text import IncrementalDecoder, Prompt, prompts_from_config
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(ModelKeys):
     """The recipe's keys; README "Configuration" documents each."""
 
-    model: Any = None
-    tokenizer: Any = None
-    checkpoint: Optional[Any] = None
-    checkpointer: Optional[Any] = None  # a torchtune checkpointer block, read not instantiated
-    device: str = "auto"
-    dtype: str = "auto"
     seed: Optional[int] = 1234
     prompt: Optional[Any] = None
     prompts_file: Optional[str] = None

@@ -7,30 +7,34 @@ from torchtune import config as tt_config
 
 from leangen.config import packaged_config_names, parse_args, resolve_config_path
 from leangen.errors import ConfigError
+from leangen.eval import EvalConfig
 from leangen.generate import GenerateConfig
 
 GENERATE_CONFIGS = ["demo", "mistral7b", "llama2_7b", "code_llama2_7b", "llama3_1_8b", "llama3_2_1b",
                     "llama3_2_3b", "qwen2_5_0_5b", "qwen2_5_7b", "gemma_2b", "phi3_mini"]
+EVAL_CONFIGS = ["eval_demo", "eval_mistral7b", "eval_llama2_7b", "eval_llama3_1_8b",
+                "eval_llama3_2_1b", "eval_qwen2_5_0_5b", "eval_gemma_2b", "eval_phi3_mini"]
+PACKAGED = ([(name, GenerateConfig, "generate") for name in GENERATE_CONFIGS]
+            + [(name, EvalConfig, "eval") for name in EVAL_CONFIGS])
 
 
 def test_all_promised_configs_are_packaged():
-    assert set(GENERATE_CONFIGS) <= set(packaged_config_names())
+    assert set(GENERATE_CONFIGS + EVAL_CONFIGS) <= set(packaged_config_names())
 
 
-@pytest.mark.parametrize("name", GENERATE_CONFIGS)
-def test_generate_config_validates_and_binds(name):
-    cfg = parse_args(["--config", name], GenerateConfig)
+@pytest.mark.parametrize("name, schema, recipe", PACKAGED)
+def test_packaged_config_validates_binds_and_says_how_to_run(name, schema, recipe):
+    cfg = parse_args(["--config", name], schema)
     tt_config.validate(cfg)  # binds model/tokenizer kwargs to the builders' signatures
     text = resolve_config_path(name).read_text()
-    assert text.startswith("#") and "tune run leangen/generate --config " + name in text
+    assert text.startswith("#") and f"tune run leangen/{recipe} --config {name}\n" in text
 
 
-@pytest.mark.parametrize("name", GENERATE_CONFIGS)
-def test_no_packaged_name_shadows_a_torchtune_config(name):
+def test_no_packaged_name_shadows_a_torchtune_config():
     from torchtune._recipe_registry import get_all_recipes
 
     torchtune_names = {c.name for r in get_all_recipes() for c in r.configs}
-    assert name not in torchtune_names
+    assert not torchtune_names & set(GENERATE_CONFIGS + EVAL_CONFIGS)
 
 
 def test_name_with_yaml_suffix_and_path_resolve_to_the_same_file(tmp_path):

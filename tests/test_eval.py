@@ -14,12 +14,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 from torchtune import config as tt_config
 
-from leangen.config import packaged_config_names, parse_args, resolve_config_path
+from leangen.config import parse_args, resolve_config_path
 from leangen.demo import demo_dir
 from leangen.eval import EvalConfig, main
 
-EVAL_CONFIGS = ["eval_demo", "eval_mistral7b", "eval_llama2_7b", "eval_llama3_1_8b",
-                "eval_llama3_2_1b", "eval_qwen2_5_0_5b", "eval_gemma_2b", "eval_phi3_mini"]
 TASKS = demo_dir() / "eval" / "tasks"
 COUNTING = demo_dir() / "eval" / "counting.txt"
 # the `tune` of this interpreter's environment, even when that environment is not activated
@@ -34,26 +32,7 @@ def run(capsys, *args):
     return code, out, err
 
 
-# -- packaged configs ---------------------------------------------------------------
-
-def test_all_eval_configs_are_packaged():
-    assert set(EVAL_CONFIGS) <= set(packaged_config_names())
-
-
-@pytest.mark.parametrize("name", EVAL_CONFIGS)
-def test_eval_config_validates_binds_and_says_how_to_run(name):
-    cfg = parse_args(["--config", name], EvalConfig)
-    tt_config.validate(cfg)  # binds model/tokenizer kwargs to the builders' signatures
-    text = resolve_config_path(name).read_text()
-    assert text.startswith("#") and f"tune run leangen/eval --config {name}\n" in text
-
-
-def test_no_eval_config_shadows_a_torchtune_config():
-    from torchtune._recipe_registry import get_all_recipes
-
-    torchtune_names = {c.name for r in get_all_recipes() for c in r.configs}
-    assert not torchtune_names & set(EVAL_CONFIGS)
-
+# -- shipped task -------------------------------------------------------------------
 
 def test_shipped_task_files_are_what_the_script_writes(tmp_path):
     script = resolve_config_path("eval_demo").parents[2] / "tools" / "make_eval_task.py"
