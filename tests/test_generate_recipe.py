@@ -196,3 +196,44 @@ def test_compile_gives_the_same_tokens_on_cpu(capsys, tmp_path):
     out = tmp_path / "out.jsonl"
     assert run(capsys, "compile=true", "max_new_tokens=6", f"output_file={out}")[0] == 0
     assert records(out)[0]["tokens"] == GOLDEN_IDS[:6]
+
+
+def _converted_demo(tmp_path, layout):
+    """The demo's weights re-saved as torchtune's own (.pt) or Meta's (consolidated.00.pth)."""
+    import leangen
+    from torchtune.models.convert_weights import tune_to_meta
+
+    from leangen.config import resolve_config_path
+    from omegaconf import OmegaConf
+
+    builder = OmegaConf.load(resolve_config_path("demo")).model
+    state = {k: v.clone() for k, v in leangen.load_model(builder, demo_dir()).state_dict().items()}
+    folder = tmp_path / layout
+    folder.mkdir()
+    name = {"torchtune": "model.pt", "meta": "consolidated.00.pth"}[layout]
+    torch.save(tune_to_meta(state) if layout == "meta" else state, folder / name)
+    return folder, name
+
+
+@pytest.mark.parametrize("layout, component", [
+    ("torchtune", "FullModelTorchTuneCheckpointer"),
+    ("meta", "FullModelMetaCheckpointer"),
+])
+def test_meta_and_torchtune_checkpointers_give_the_golden_tokens(capsys, tmp_path, layout, component):
+    folder, name = _converted_demo(tmp_path, layout)
+    config = tmp_path / f"{layout}.yaml"
+    config.write_text(_checkpointer_config(tmp_path).replace(str(demo_dir()), str(folder))
+                      .replace("FullModelHFCheckpointer", component)
+                      .replace("[model.safetensors]", f"[{name}]"))
+    out = tmp_path / "out.jsonl"
+    assert main(["--config", str(config), f"output_file={out}"]) == 0
+    capsys.readouterr()
+    assert records(out)[0]["tokens"] == GOLDEN_IDS
+
+
+def test_console_script(tmp_path):
+    script = os.path.join(os.path.dirname(sys.executable), "leangen-generate")
+    result = subprocess.run([script, "--config", "demo", "max_new_tokens=3"], cwd=tmp_path,
+                            capture_output=True, text=True, env=_env(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "one two three four five six"
