@@ -13,7 +13,16 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 
 def peak_host_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's own peak RSS. Linux's ru_maxrss survives exec, so a recipe started
+    from a big parent would report the parent's peak; VmHWM is the process's own."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # not Linux
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def peak_device_bytes(device: torch.device) -> int | None:

@@ -237,3 +237,13 @@ def test_console_script(tmp_path):
                             capture_output=True, text=True, env=_env(), timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "one two three four five six"
+
+
+def test_peak_rss_is_this_process_own_not_its_parents(tmp_path):
+    """ru_maxrss survives exec on Linux; the metric must not report a big parent's peak."""
+    code = ("import sys; big = bytearray(600 << 20); big[::4096] = b'x' * len(big[::4096]);"
+            "import subprocess; sys.exit(subprocess.run([sys.executable, '-c', "
+            "'from leangen.metrics import peak_host_rss_bytes; print(peak_host_rss_bytes())']).returncode)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout.strip()) < 500 << 20
