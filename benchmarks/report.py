@@ -1,0 +1,263 @@
+"""Summaries and the two output files: ``RESULTS.md`` (tables) and ``results.json``.
+
+Every figure is a median with its min–max over the repetitions that completed,
+and each system is also shown as a ratio to leangen: how many times longer it
+takes (times), how many times more it holds (memory), how many times its decode
+rate is (tokens/s).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+GB = 1e9
+# Issue 5's targets are stated for this preset only.
+TARGET_PRESET = "llama3_2_1b"
+# Status prefix of a run repeated because other processes loaded the CPUs.
+DISTURBED = "disturbed"
+
+# (key, column title, scale, format); the scale turns bytes into GB for the table.
+_FIGURES = [
+    ("load_seconds", "load (s)", 1, "{:.2f}"),
+    ("first_token_seconds", "first token, whole process (s)", 1, "{:.2f}"),
+    ("decode_tokens_per_second", "decode (tok/s)", 1, "{:.2f}"),
+    ("peak_rss_bytes", "peak RSS (GB)", GB, "{:.2f}"),
+    ("peak_anon_bytes", "peak anon RSS (GB)", GB, "{:.2f}"),
+    ("wall_seconds", "process wall (s)", 1, "{:.1f}"),
+]
+
+
+def summarise(runs: list[dict], systems: list[str]) -> dict:
+    """Per system: median/min/max of each figure over its completed runs."""
+    out = {}
+    for name in systems:
+        mine = [r for r in runs if r["system"] == name and not r["status"].startswith(DISTURBED)]
+        ok = [r for r in mine if r["status"] == "ok"]
+        stats = {}
+        for key, *_ in _FIGURES + [("generated_tokens", "", 1, "")]:
+            values = [r[key] for r in ok if r.get(key) is not None]
+            if values:
+                stats[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+        out[name] = {"runs": len(mine), "ok": len(ok), "figures": stats,
+                     "failures": sorted({r["status"] for r in mine if r["status"] != "ok"})}
+    return out
+
+
+def ratios_to(summary: dict, reference: str = "leangen") -> dict:
+    """``system -> figure -> median(system) / median(reference)``."""
+    ref = summary.get(reference, {}).get("figures", {})
+    out = {}
+    for name, s in summary.items():
+        out[name] = {key: s["figures"][key]["median"] / ref[key]["median"]
+                     for key in s["figures"] if key in ref and ref[key]["median"]}
+    return out
+
+
+def headline_table(summary: dict, ratios: dict) -> str:
+    """The systems table; the README copies it as the headline."""
+    head = "| system | " + " | ".join(title for _, title, *_ in _FIGURES) + " | runs ok |"
+    rule = "|" + "---|" * (len(_FIGURES) + 2)
+    rows = [head, rule]
+    for name, s in summary.items():
+        cells = [_cell(s["figures"].get(key), scale, fmt, ratios.get(name, {}).get(key), name)
+                 for key, _, scale, fmt in _FIGURES]
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {s['ok']}/{s['runs']} |")
+    return "\n".join(rows)
+
+
+def limits_table(limits: dict, model_bytes: int, summary: dict) -> str:
+    bw, gemv, cache = (limits["memory_read_gb_per_s"], limits["gemv_bf16_gb_per_s"],
+                       limits["page_cache_read_gb_per_s"])
+    ceiling, practical = bw * GB / model_bytes, gemv * GB / model_bytes
+    decode = summary.get("leangen", {}).get("figures", {}).get("decode_tokens_per_second")
+    rows = [
+        "| limit | measured | implies |",
+        "|---|---|---|",
+        f"| memory read bandwidth (fp32 sum, 1 GiB) | {bw:.1f} GB/s | decode ceiling {ceiling:.2f} tok/s "
+        f"for {model_bytes / GB:.2f} GB of weights |",
+        f"| bf16 GEMV bandwidth (`F.linear`, 1 token × 8192², eager) | {gemv:.1f} GB/s "
+        f"| practical eager ceiling {practical:.2f} tok/s |",
+        f"| page-cache read of the checkpoint (warm, `readinto`) | {cache:.1f} GB/s "
+        f"| load floor {model_bytes / GB / cache:.2f} s for a loader that copies every byte |",
+    ]
+    if decode:
+        median = decode["median"]
+        rows.append(f"| leangen decode | {median:.2f} tok/s | {100 * median / ceiling:.0f}% of the "
+                    f"bandwidth ceiling, {100 * median / practical:.0f}% of the GEMV ceiling |")
+    return "\n".join(rows)
+
+
+def targets_table(summary: dict, ratios: dict) -> str:
+    """Issue 5's targets for leangen, checked against the medians."""
+    figures = {n: s["figures"] for n, s in summary.items()}
+    checks = []
+
+    def add(label, ok, detail):
+        checks.append(f"| {label} | {'met' if ok else 'NOT met'} | {detail} |")
+
+    lg = figures.get("leangen", {})
+    for other, factor in (("transformers", 4), ("torchtune", 40)):
+        r = ratios.get(other, {}).get("load_seconds")
+        if r is not None:
+            add(f"load ≥ {factor}x faster than {other}", r >= factor, f"{r:.1f}x")
+    hf = figures.get("transformers", {})
+    if "peak_anon_bytes" in lg and "peak_anon_bytes" in hf:
+        a, b = lg["peak_anon_bytes"]["median"], hf["peak_anon_bytes"]["median"]
+        add("peak anon RSS ≤ transformers'", a <= b, f"{a / GB:.2f} GB vs {b / GB:.2f} GB")
+    if "decode_tokens_per_second" in lg and "decode_tokens_per_second" in hf:
+        a, b = lg["decode_tokens_per_second"]["median"], hf["decode_tokens_per_second"]["median"]
+        add("decode tok/s ≥ transformers'", a >= b, f"{a:.2f} vs {b:.2f} tok/s")
+    if not checks:
+        return ""
+    return "\n".join(["| target | result | medians |", "|---|---|---|", *checks])
+
+
+def load_profile_table(profile: dict) -> str:
+    """benchmarks/load_profile.py's stages: seconds and anonymous memory after each."""
+    rows = ["| stage | seconds | anon RSS after (GB) | what it made |", "|---|---|---|---|"]
+    for s in profile["stages"][1:]:
+        made = f"{s['bytes'] / GB:.3f} GB" if "bytes" in s else ""
+        made += f" in {s['tensors']} tensors" if "tensors" in s else ""
+        rows.append(f"| {s['stage']} | {s['seconds']:.3f} | {s['anon_bytes'] / GB:.3f} | {made} |")
+    rows.append(f"| **load (build to move)** | **{profile['load_seconds']:.3f}** | | |")
+    return "\n".join(rows)
+
+
+def shortfall_notes(summary: dict, ratios: dict, profile: dict | None) -> list[str]:
+    """For each missed target, the measured stage or limit that accounts for it."""
+    figures = {n: s["figures"] for n, s in summary.items()}
+    lg, hf = figures.get("leangen", {}), figures.get("transformers", {})
+    stages = {s["stage"].split(" ")[0]: s for s in (profile or {}).get("stages", [])}
+    notes = []
+    slow_load = any((ratios.get(o, {}).get("load_seconds") or 1e9) < f
+                    for o, f in (("transformers", 4), ("torchtune", 40)))
+    if slow_load and "move:" in stages and "buffers" in stages:
+        move, rope = stages["move:"], stages["buffers"]
+        notes.append(
+            f"Load: of {profile['load_seconds']:.2f} s, {move['seconds']:.2f} s copy the q/k weights "
+            f"({move['bytes'] / GB:.2f} GB): HF stores them for rotate-half RoPE and torchtune's "
+            f"RoPE wants interleaved rows, so they cannot stay mmap views; {rope['seconds']:.2f} s "
+            "is torchtune's own rope_init() building the cache for the builder's whole max_seq_len "
+            "(an eager build pays the same). The rest of the load is the mmap and assign.")
+    if "peak_anon_bytes" in lg and "peak_anon_bytes" in hf and \
+            lg["peak_anon_bytes"]["median"] > hf["peak_anon_bytes"]["median"] and "import" in stages:
+        imports, move = stages["import"]["anon_bytes"], stages.get("move:", {}).get("bytes", 0)
+        notes.append(
+            f"Anonymous memory: importing torch and torchtune (which imports torchao and "
+            f"torch._dynamo) already holds {imports / GB:.2f} GB before anything is loaded; the "
+            f"q/k copies add {move / GB:.2f} GB and the RoPE cache "
+            f"{stages.get('buffers', {}).get('bytes', 0) / GB:.3f} GB. transformers' whole process "
+            f"peaks at {hf['peak_anon_bytes']['median'] / GB:.2f} GB.")
+    if "decode_tokens_per_second" in lg and "decode_tokens_per_second" in hf and \
+            lg["decode_tokens_per_second"]["median"] < hf["decode_tokens_per_second"]["median"]:
+        notes.append("Decode: both run eager bf16 GEMVs through torch; see the limits table for "
+                     "how close each is to the GEMV ceiling on this run.")
+    return notes
+
+
+def write_results(path_md: Path, document: dict) -> None:
+    """The markdown and, beside it, the JSON; both from the same document."""
+    path_md.parent.mkdir(parents=True, exist_ok=True)
+    path_md.write_text(render_markdown(document))
+    json_path(path_md).write_text(json.dumps(document, indent=2) + "\n")
+
+
+def json_path(path_md: Path) -> Path:
+    """RESULTS.md -> results.json, RESULTS_small.md -> results_small.json."""
+    return path_md.with_name(path_md.stem.lower() + ".json")
+
+
+def render_markdown(doc: dict) -> str:
+    summary, ratios, meta = doc["summary"], doc["ratios"], doc["meta"]
+    w = doc["workload"]
+    parts = [
+        f"# Benchmark results: `{w['preset']}` preset",
+        "",
+        f"Measured {meta['date']} on {meta['machine']}. {meta['software']}.",
+        "",
+        f"Workload: random-weight `{w['preset']}` checkpoint ({w['model_bytes'] / GB:.2f} GB bf16, "
+        f"{w['shards']} safetensors shards), prompt of {w['prompt_token_count']} tokens (the same ids "
+        f"in every system), greedy, {w['new_tokens']} new tokens, bf16, CPU, {meta['reps']} repetition(s) "
+        "interleaved system by system, each run a fresh process, page cache warm.",
+        "",
+        "Each cell: median (min–max) [system's median / leangen's median: above 1 means more "
+        "seconds, more memory, or more tokens/s than leangen].",
+        "",
+        headline_table(summary, ratios),
+        "",
+        "## Limits (measured in the same run)",
+        "",
+        limits_table(doc["limits"], w["model_bytes"], summary),
+    ]
+    if w.get("memory_cap_bytes"):
+        parts += ["", "## Low-RAM scenario", "", low_ram_summary(doc["runs"], w["memory_cap_bytes"])]
+    targets = targets_table(summary, ratios) if w["preset"] == TARGET_PRESET else ""
+    if targets:
+        parts += ["", "## Targets (issue 5)", "", targets]
+    if doc.get("load_profile"):
+        parts += ["", "## leangen's load, stage by stage", "", load_profile_table(doc["load_profile"])]
+    shortfalls = shortfall_notes(summary, ratios, doc.get("load_profile"))
+    if targets and shortfalls:
+        parts += ["", "## Where leangen falls short, and why", "", *[f"- {n}" for n in shortfalls]]
+    parts += ["", "## Runs", "", _runs_table(doc["runs"])]
+    parts += ["", "## Checks", "", *[f"- {c}" for c in doc["checks"]]]
+    if doc.get("notes"):
+        parts += ["", "## Notes", "", *[f"- {n}" for n in doc["notes"]]]
+    if doc.get("see_also"):
+        parts += ["", "## Other presets", "", *[f"- [{name}]({name})" for name in doc["see_also"]]]
+    parts += ["", "## How each figure is measured", "", doc["boundaries"].strip()]
+    parts += ["", "## Commands", "", "```", *doc["commands"], "```"]
+    for name, text in doc.get("configs", {}).items():
+        parts += ["", f"`{name}`:", "", "```yaml", text.rstrip(), "```"]
+    parts.append("")
+    return "\n".join(parts)
+
+
+def low_ram_summary(runs: list[dict], cap_bytes: int) -> str:
+    """Which systems completed under the cap, and with what peak memory."""
+    lines = [f"Each system ran under a hard {cap_bytes / GB:.1f} GB cgroup memory cap on this "
+             "machine; peak figures are from the run's own process tree."]
+    for r in runs:
+        if r["status"].startswith(DISTURBED):
+            continue
+        cap = r.get("cap") or {}
+        outcome = "completed" if r["status"] == "ok" else r["status"]
+        lines.append(f"- {r['system']} (rep {r['rep']}): {outcome}; peak RSS "
+                     f"{_num(r.get('peak_rss_bytes'), '{:.2f}', GB)} GB, peak anon "
+                     f"{_num(r.get('peak_anon_bytes'), '{:.2f}', GB)} GB, cgroup peak "
+                     f"{_num(cap.get('peak_bytes'), '{:.2f}', GB)} GB.")
+    return "\n".join(lines)
+
+
+def _runs_table(runs: list[dict]) -> str:
+    rows = ["| rep | system | status | load (s) | first token (s) | decode (tok/s) | tokens | "
+            "peak RSS (GB) | peak anon (GB) | cap peak (GB) | others' CPU | idle wait (s) |",
+            "|" + "---|" * 12]
+    for r in runs:
+        cap = r.get("cap") or {}
+        rows.append("| " + " | ".join([
+            str(r["rep"]), r["system"], r["status"], _num(r.get("load_seconds"), "{:.2f}"),
+            _num(r.get("first_token_seconds"), "{:.2f}"), _num(r.get("decode_tokens_per_second"), "{:.2f}"),
+            _num(r.get("generated_tokens"), "{}"), _num(r.get("peak_rss_bytes"), "{:.2f}", GB),
+            _num(r.get("peak_anon_bytes"), "{:.2f}", GB), _num(cap.get("peak_bytes"), "{:.2f}", GB),
+            _num(r.get("background_cpu_share"), "{:.0%}"), _num(r.get("idle_wait_seconds"), "{:.0f}"),
+        ]) + " |")
+    return "\n".join(rows)
+
+
+def _cell(stat: dict | None, scale: float, fmt: str, ratio: float | None, name: str) -> str:
+    if not stat:
+        return "—"
+    med, lo, hi = (fmt.format(stat[k] / scale) for k in ("median", "min", "max"))
+    text = f"{med} ({lo}–{hi})"
+    if ratio is not None and name != "leangen":
+        text += f" [{ratio:.2f}x]"
+    return text
+
+
+def _num(value, fmt: str, scale: float = 1) -> str:
+    if value is None:
+        return "—"
+    return fmt.format(value / scale if scale != 1 else value)
