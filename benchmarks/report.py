@@ -150,6 +150,13 @@ def shortfall_notes(summary: dict, ratios: dict, profile: dict | None) -> list[s
             f"q/k copies add {move / GB:.2f} GB and the RoPE cache "
             f"{stages.get('buffers', {}).get('bytes', 0) / GB:.3f} GB. transformers' whole process "
             f"peaks at {hf['peak_anon_bytes']['median'] / GB:.2f} GB.")
+    first = "first_token_seconds"
+    if first in lg and first in hf and lg[first]["median"] > hf[first]["median"] and "import" in stages:
+        notes.append(
+            f"First token, whole process: {lg[first]['median']:.2f} s against transformers' "
+            f"{hf[first]['median']:.2f} s. Importing torch, torchtune and torchao takes "
+            f"{stages['import']['seconds']:.2f} s of it (stage table); "
+            "torchtune's package imports torchao unconditionally, so every torchtune builder pays it.")
     if "decode_tokens_per_second" in lg and "decode_tokens_per_second" in hf and \
             lg["decode_tokens_per_second"]["median"] < hf["decode_tokens_per_second"]["median"]:
         notes.append("Decode: both run eager bf16 GEMVs through torch; see the limits table for "
