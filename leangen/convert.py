@@ -74,6 +74,7 @@ class Entry:
     shape: torch.Size  # torchtune shape
     dtype: torch.dtype
     transform: Transform = Transform()
+    unavailable: str | None = None  # why it cannot be taken (listed, shaped, but not readable)
 
 
 SplitFn = Callable[[str, torch.Size, Geometry], list[tuple[str, tuple[int, int]]]]
@@ -180,7 +181,12 @@ def plan(keys: list[str], shape_of, dtype_of, family: Family, geometry: Geometry
         target = table[template]
         if target is None:  # e.g. rotary_emb.inv_freq: recomputed, not loaded
             continue
-        parts = list(_expand(target.format(*layers), shape_of(key), family, source, geometry))
+        tune_key = target.format(*layers)
+        if geometry is None and _needs_geometry(tune_key, family, source) and not family.split:
+            # Still listed with its shape, so an embedding can be loaded without head counts.
+            entries[tune_key] = Entry(key, shape_of(key), dtype_of(key), unavailable=_no_geometry(tune_key))
+            continue
+        parts = list(_expand(tune_key, shape_of(key), family, source, geometry))
         _check_split(key, shape_of(key), parts, geometry)
         for name, transform in parts:
             shape = shape_of(key) if transform.rows is None else _rows_shape(shape_of(key), transform.rows)
@@ -190,12 +196,8 @@ def plan(keys: list[str], shape_of, dtype_of, family: Family, geometry: Geometry
 
 def _expand(tune_key, shape, family, source, geometry):
     """The torchtune tensors one stored tensor becomes, each with its transform."""
-    needs_geometry = source == "hf" and _is_qk(tune_key) and (family.permute_qk or family.split)
-    if needs_geometry and geometry is None:
-        raise ConversionError(
-            f"'{tune_key}' needs the attention head counts to convert, and there is no "
-            "config.json/params.json beside the checkpoint. Load it through load_model."
-        )
+    if geometry is None and _needs_geometry(tune_key, family, source):
+        raise ConversionError(_no_geometry(tune_key))
     parts = family.split(tune_key, shape, geometry) if source == "hf" and family.split else [(tune_key, None)]
     for name, rows in parts:
         heads = _heads_to_permute(name, geometry) if source == "hf" and family.permute_qk else 0
@@ -215,6 +217,15 @@ def _check_split(key: str, shape: torch.Size, parts, g: Geometry | None) -> None
         f"takes rows {', '.join(f'{a}:{b}' for a, b in ranges)}{heads}. The builder probably "
         "does not match the checkpoint: check its head counts."
     )
+
+
+def _needs_geometry(tune_key: str, family: Family, source: str) -> bool:
+    return source == "hf" and _is_qk(tune_key) and bool(family.permute_qk or family.split)
+
+
+def _no_geometry(tune_key: str) -> str:
+    return (f"'{tune_key}' needs the attention head counts to convert, and there is no "
+            "config.json/params.json beside the checkpoint. Load it through load_model.")
 
 
 def _is_qk(tune_key: str) -> bool:

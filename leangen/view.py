@@ -48,6 +48,8 @@ class Checkpoint:
     def stored(self, name: str) -> torch.Tensor:
         """The stored bytes for ``name`` as a CPU mmap view, before any computing transform."""
         entry = self._entry(name)
+        if entry.unavailable:
+            raise ConversionError(entry.unavailable)
         rows = entry.transform.rows
         return self.raw.slice(entry.key, 0, *rows) if rows else self.raw.tensor(entry.key)
 

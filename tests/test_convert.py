@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -123,10 +125,19 @@ def test_phi3_split_must_cover_the_fused_rows():
         plan(*args, Geometry(4, 4, 16))
 
 
-def test_hf_qk_need_geometry():
+def test_hf_qk_without_geometry_are_listed_but_refused_when_taken():
     shape = lambda _k: torch.Size([64, 64])  # noqa: E731
-    with pytest.raises(ConversionError, match="layers.0.attn.q_proj.weight.*head counts.*config.json"):
-        plan(HF_LLAMA_KEYS, shape, lambda _k: torch.float32, FAMILIES["llama"], None)
+    entries = plan(HF_LLAMA_KEYS, shape, lambda _k: torch.float32, FAMILIES["llama"], None)
+    assert entries["tok_embeddings.weight"].unavailable is None
+    q = entries["layers.0.attn.q_proj.weight"]
+    assert q.shape == (64, 64)
+    assert re.search("layers.0.attn.q_proj.weight.*head counts.*config.json", q.unavailable)
+
+
+def test_fused_phi3_without_geometry_cannot_even_be_listed():
+    shapes = {k: torch.Size([64, 64]) for k in PHI3_KEYS}
+    with pytest.raises(ConversionError, match="q_proj.weight.*head counts.*config.json"):
+        plan(PHI3_KEYS, shapes.__getitem__, lambda _k: torch.float32, FAMILIES["phi3"], None)
 
 
 def test_geometry_from_config():

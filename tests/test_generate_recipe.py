@@ -240,10 +240,11 @@ def test_console_script(tmp_path):
 
 
 def test_peak_rss_is_this_process_own_not_its_parents(tmp_path):
-    """ru_maxrss survives exec on Linux; the metric must not report a big parent's peak."""
-    code = ("import sys; big = bytearray(600 << 20); big[::4096] = b'x' * len(big[::4096]);"
+    """ru_maxrss survives exec on Linux; the metric must not report a big (2 GiB) parent's peak."""
+    # The child imports leangen (torch, torchtune): about 0.5 GB of its own.
+    code = ("import sys; big = bytearray(2 << 30); big[::4096] = b'x' * len(big[::4096]);"
             "import subprocess; sys.exit(subprocess.run([sys.executable, '-c', "
             "'from leangen.metrics import peak_host_rss_bytes; print(peak_host_rss_bytes())']).returncode)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert int(result.stdout.strip()) < 500 << 20
+    assert int(result.stdout.strip()) < 1280 << 20

@@ -151,3 +151,16 @@ def test_slice_out_of_range(tiny_checkpoint):
     view = leangen.open_checkpoint(tiny_checkpoint("llama").path)
     with pytest.raises(IndexError, match="out of range for 'layers.0.attn.q_proj.weight'"):
         view.slice("layers.0.attn.q_proj.weight", 0, 65)
+
+
+def test_embedding_loads_from_an_hf_folder_without_config_json(tmp_path, tiny_checkpoint):
+    ckpt = tiny_checkpoint("llama")
+    bare = tmp_path / "bare"
+    shutil.copytree(ckpt.path, bare)
+    (bare / "config.json").unlink()
+    embed = leangen.load_tensors(bare, ["tok_embeddings.weight"])["tok_embeddings.weight"]
+    torch.testing.assert_close(embed, ckpt.hf_model.model.embed_tokens.weight)
+    view = leangen.open_checkpoint(bare)
+    assert view.shape("layers.0.attn.q_proj.weight") == ckpt.hf_model.model.layers[0].self_attn.q_proj.weight.shape
+    with pytest.raises(ConversionError, match="layers.0.attn.q_proj.weight.*head counts"):
+        view.tensor("layers.0.attn.q_proj.weight")
