@@ -63,12 +63,15 @@ def _from_checkpointer(block: DictConfig) -> tuple[list[str], str]:
             f"checkpointer._component_ '{block.get('_component_')}' is not supported; use one of "
             f"{', '.join(sorted(c for c in CHECKPOINTERS if c.count('.') == 2))}."
         )
+    missing = [k for k in ("checkpoint_dir", "checkpoint_files") if block.get(k) is None]
+    if missing:
+        raise ConfigError(f"checkpointer.{missing[0]} is not set.")
     directory = Path(block.checkpoint_dir).expanduser()
     files = block.checkpoint_files
     if OmegaConf.is_dict(files):  # {filename_format, max_filename}
         files = FormattedCheckpointFiles.from_dict(OmegaConf.to_container(files)).build_checkpoint_filenames()
     paths = [str(directory / f) for f in files]
-    return paths, str(block.get("model_type", "auto")).lower()
+    return paths, str(block.get("model_type", "auto"))
 
 
 def model_from_config(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
@@ -80,9 +83,12 @@ def tokenizer_from_config(cfg: DictConfig):
     from torchtune import config as tt_config
 
     path = cfg.tokenizer.get("path")
-    if path is not None and not Path(path).expanduser().exists():
-        raise ConfigError(f"tokenizer.path: '{path}' does not exist. Point it at the model's tokenizer file.")
+    overrides = {}
+    if path is not None:
+        overrides["path"] = str(Path(path).expanduser())
+        if not Path(overrides["path"]).exists():
+            raise ConfigError(f"tokenizer.path: '{path}' does not exist. Point it at the model's tokenizer file.")
     try:
-        return tt_config.instantiate(cfg.tokenizer)
+        return tt_config.instantiate(cfg.tokenizer, **overrides)
     except Exception as e:  # torchtune wraps builder errors in its own InstantiationError
         raise ConfigError(f"tokenizer '{cfg.tokenizer.get('_component_')}' failed: {e}") from e

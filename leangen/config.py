@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from yaml import YAMLError
 
 from leangen.demo import demo_dir
 from leangen.errors import ConfigError, LeangenError
@@ -69,8 +70,10 @@ def parse_args(argv: Sequence[str], schema: type) -> DictConfig:
     path = resolve_config_path(args.config)
     try:
         yaml = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        if not isinstance(yaml, dict):
+            raise ValueError("the top level must be a mapping of keys to values")
         merged = _merge_yaml_and_cli_args(argparse.Namespace(**yaml), overrides)
-    except (ValueError, OmegaConfBaseException) as e:
+    except (ValueError, OmegaConfBaseException, YAMLError) as e:
         raise ConfigError(f"{path}: {_one_line(e)}") from e
     return validate(merged, schema, source=str(path))
 
@@ -91,6 +94,18 @@ def validate(cfg: DictConfig, schema: type, *, source: str = "config") -> DictCo
     return typed
 
 
+def output_path(key: str, value: str | None) -> Path | None:
+    """An output file the recipe will write, checked before any work starts."""
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{key}: '{value}' is a folder; give a file name.")
+    if not path.resolve().parent.is_dir():
+        raise ConfigError(f"{key}: the folder of '{value}' does not exist.")
+    return path
+
+
 def _one_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
@@ -107,7 +122,8 @@ def run_recipe(main: Callable[[list[str]], Any]) -> Callable[[list[str] | None],
         except (LeangenError, FileNotFoundError) as e:
             if os.environ.get(DEBUG_ENV):
                 raise
-            print(f"error: {e}", file=sys.stderr)
+            # one line whatever the message holds (torchtune's errors span several)
+            print("error: " + " ".join(str(e).split()), file=sys.stderr)
             return 1
         return 0
 

@@ -29,7 +29,7 @@ from typing import Any, List, Optional
 from omegaconf import DictConfig
 
 from leangen.components import ModelKeys, model_from_config, tokenizer_from_config
-from leangen.config import parse_args, run_recipe
+from leangen.config import output_path, parse_args, run_recipe
 from leangen.errors import ConfigError
 from leangen.load import resolve_device
 from leangen.perplexity import Score, Throughput, perplexity
@@ -95,7 +95,8 @@ class EvalRecipe:
         results = {"perplexity": ppl, "lm_eval": harness, "metrics": self.metrics}
         _print_results(results)
         if cfg.output_file:
-            Path(cfg.output_file).write_text(json.dumps(results, indent=2, default=str) + "\n")
+            output_path("output_file", cfg.output_file).write_text(
+                json.dumps(results, indent=2, default=str) + "\n")
         print(_summary(self.metrics), file=sys.stderr)
         return results
 
@@ -140,8 +141,7 @@ def _reject_bad_options(cfg: DictConfig) -> None:
     if stride is not None and not 1 <= stride <= cfg.max_seq_len:
         raise ConfigError(f"perplexity.stride={stride} must be between 1 and max_seq_len="
                           f"{cfg.max_seq_len} (null: max_seq_len).")
-    if cfg.output_file and not Path(cfg.output_file).expanduser().resolve().parent.is_dir():
-        raise ConfigError(f"output_file: the folder of '{cfg.output_file}' does not exist.")
+    output_path("output_file", cfg.output_file)  # fails now, not after the scoring
 
 
 def _read_text(path: str) -> str:

@@ -5,6 +5,7 @@ X is a YAML path or a packaged config name (``demo``, ``mistral7b``, ...).
 """
 
 
+import functools
 import json
 import sys
 import time
@@ -16,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from leangen.components import ModelKeys, model_from_config, tokenizer_from_config
-from leangen.config import parse_args, run_recipe
+from leangen.config import output_path, parse_args, run_recipe
 from leangen.errors import ConfigError
 from leangen.generation import generate_steps
 from leangen.load import resolve_device
@@ -56,17 +57,21 @@ class GenerateRecipe:
         self.metrics: dict[str, Any] = {}
 
     def setup(self, cfg: DictConfig) -> None:
-        _reject_bad_options(cfg)
+        """Everything that can fail on the user's input fails here, before decoding starts."""
+        self.outputs = _reject_bad_options(cfg)
         self.tokenizer = tokenizer_from_config(cfg)
+        self.prompts = prompts_from_config(cfg, self.tokenizer)  # bad prompts fail before the load
         start = time.perf_counter()
         self.model = model_from_config(cfg, self.device)
         self.metrics["load_seconds"] = time.perf_counter() - start
+        self._check_lengths(self.prompts, cfg.max_new_tokens)
         self.decode_forward = torch.compile(self.model) if cfg.compile else None
+        self.sampler = functools.partial(sample, temperature=cfg.temperature, top_k=cfg.top_k,
+                                         top_p=cfg.top_p)
 
     def generate(self, cfg: DictConfig) -> list[dict]:
-        # 1. tokenize
-        prompts = prompts_from_config(cfg, self.tokenizer)
-        self._check_lengths(prompts, cfg.max_new_tokens)
+        # 1. the prompts, tokenized and checked in setup
+        prompts = self.prompts
         # 2-4. prefill, decode and print, one batch at a time
         stream = len(prompts) == 1
         records, decode_seconds, decode_steps, generated = [], 0.0, 0, 0
@@ -79,7 +84,7 @@ class GenerateRecipe:
             generated += sum(len(r["tokens"]) for r in result["records"])
         # 5. outputs and metrics
         self._record_metrics(generated, decode_steps, decode_seconds, len(prompts))
-        _write_outputs(cfg, records, self.metrics)
+        _write_outputs(*self.outputs, records, self.metrics)
         print(summary(self.metrics), file=sys.stderr)
         return records
 
@@ -90,7 +95,7 @@ class GenerateRecipe:
             print(batch[0].source, end="", flush=True)
         steps = generate_steps(
             self.model, [p.tokens for p in batch], max_new_tokens=cfg.max_new_tokens,
-            sampler=lambda logits: sample(logits, cfg.temperature, cfg.top_k, cfg.top_p),
+            sampler=self.sampler,
             stop_tokens=list(self.tokenizer.stop_tokens), use_cache=cfg.enable_kv_cache,
             decode_forward=self.decode_forward,
         )
@@ -142,7 +147,8 @@ class GenerateRecipe:
         )
 
 
-def _reject_bad_options(cfg: DictConfig) -> None:
+def _reject_bad_options(cfg: DictConfig) -> tuple[Optional[Path], Optional[Path]]:
+    """Rejects bad option combinations early; returns the checked output and metrics paths."""
     try:
         check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
     except ValueError as e:
@@ -153,6 +159,7 @@ def _reject_bad_options(cfg: DictConfig) -> None:
         raise ConfigError("quantizer: leangen does not quantize yet; remove the key or set it to null.")
     if cfg.model is None or cfg.tokenizer is None:
         raise ConfigError("the config needs a 'model' and a 'tokenizer' block.")
+    return output_path("output_file", cfg.output_file), output_path("metrics_file", cfg.metrics_file)
 
 
 def _text_ids(generated: list[int], tokenizer) -> list[int]:
@@ -166,13 +173,12 @@ def _record(prompt: Prompt, tokens: list[int], text: str) -> dict:
     return {"prompt": prompt.source, "prompt_tokens": prompt.tokens, "tokens": tokens, "text": text}
 
 
-def _write_outputs(cfg: DictConfig, records: list[dict], metrics: dict) -> None:
-    if cfg.output_file:
-        with open(cfg.output_file, "w") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
-    if cfg.metrics_file:
-        Path(cfg.metrics_file).write_text(json.dumps(metrics, indent=2) + "\n")
+def _write_outputs(output_file: Optional[Path], metrics_file: Optional[Path], records: list[dict],
+                   metrics: dict) -> None:
+    if output_file:
+        output_file.write_text("".join(json.dumps(record) + "\n" for record in records))
+    if metrics_file:
+        metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 @run_recipe

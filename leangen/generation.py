@@ -54,7 +54,7 @@ def generate_steps(model: torch.nn.Module, prompts: list[list[int]], *, max_new_
     """
     device = next(model.parameters()).device
     batch = Batch(prompts, max_new_tokens, device)
-    stops = torch.tensor(stop_tokens, device=device)
+    stops = torch.tensor(stop_tokens, dtype=torch.long, device=device)
     active = torch.ones(len(prompts), dtype=torch.bool, device=device)
     with _caches(model, use_cache, len(prompts), batch.total_len, device):
         decode = model if decode_forward is None else decode_forward

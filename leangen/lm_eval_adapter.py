@@ -24,6 +24,7 @@ from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from leangen.errors import ConfigError
 from leangen.generation import generate_steps
 from leangen.perplexity import Throughput, padded_logits, token_logprobs
 from leangen.sampling import sample
@@ -127,8 +128,8 @@ class LeangenLM(TemplateLM):
     def _score_batch(self, batch: list[Request]) -> list[tuple[float, bool]]:
         for _, _, continuation in batch:
             if not 0 < len(continuation) <= self.max_length:
-                raise ValueError(f"a continuation of {len(continuation)} tokens cannot be scored "
-                                 f"with max_seq_len={self.max_length}")
+                raise ConfigError(f"a continuation of {len(continuation)} tokens cannot be scored "
+                                  f"with max_seq_len={self.max_length}: raise max_seq_len.")
         # the last token is only predicted, never read
         rows = [(context + continuation)[-(self.max_length + 1):][:-1] for _, context, continuation in batch]
         with self.throughput:
@@ -194,8 +195,8 @@ class LeangenLM(TemplateLM):
         """The context's ids, cut from the left so that the generated tokens still fit."""
         room = self.max_length - max_gen_toks
         if room < 1:
-            raise ValueError(f"max_gen_toks={max_gen_toks} leaves no room for a context "
-                             f"within max_seq_len={self.max_length}")
+            raise ConfigError(f"the task's max_gen_toks={max_gen_toks} leaves no room for a "
+                              f"context within max_seq_len={self.max_length}: raise max_seq_len.")
         return self.tok_encode(context)[-room:]
 
     @torch.inference_mode()
@@ -219,7 +220,8 @@ class LeangenLM(TemplateLM):
                         done[i] = True
                         continue
                     generated[i].append(token)
-                    done[i] = any(s in decoders[i].text(generated[i]) for s in until)
+                    text = decoders[i].text(generated[i])  # once per token, not per stop string
+                    done[i] = any(s in text for s in until)
                 if all(done):
                     break
         self.throughput.tokens += sum(len(p) + len(g) for p, g in zip(prompts, generated))

@@ -78,8 +78,8 @@ def move_to_device(model: torch.nn.Module, pending: dict[str, Transform], device
                              disable=not progress, leave=False):
         t = stager.copy(tensor.data) if stager else tensor.data
         t = pending.get(name, Transform()).apply(t)
-        if t.is_floating_point() and t.dtype != dtype:
-            t = t.to(dtype)
+        if isinstance(tensor, torch.nn.Parameter) and t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)  # parameters only: buffers keep their dtype, as in an eager build
         tensor.data = t
     if stager:
         stager.finish()

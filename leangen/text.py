@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from omegaconf import DictConfig, OmegaConf
-from torchtune.data import Message
+from torchtune.data import Message, Role
 
 from leangen.errors import ConfigError
 
@@ -31,7 +31,11 @@ def prompts_from_config(cfg: DictConfig, tokenizer) -> list[Prompt]:
     if isinstance(prompt, dict):
         if not prompt.get("user"):
             raise ConfigError("prompt.user is empty: give the user's message.")
-        prompt = [{"role": r, "content": prompt[r]} for r in ("system", "user") if prompt.get(r)]
+        prompt = [{"role": r, "content": str(prompt[r])} for r in ("system", "user") if prompt.get(r)]
+    elif isinstance(prompt, list):
+        raise ConfigError("prompt: give a string or {system, user}; for several prompts use prompts_file.")
+    else:
+        prompt = str(prompt)  # `prompt=42` on the command line arrives as an int
     return [tokenize(prompt, tokenizer)]
 
 
@@ -40,26 +44,35 @@ def read_prompts_file(path: Path) -> list[Any]:
     if not path.is_file():
         raise ConfigError(f"prompts_file: '{path}' does not exist.")
     lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ConfigError(f"prompts_file: '{path}' holds no prompts.")
     if path.suffix != ".jsonl":
         return lines
-    items = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-            items.append(record["prompt"] if "prompt" in record else record["messages"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(
-                f"{path}:{number}: each line must be JSON with 'prompt' (a string) or "
-                f"'messages' (a list of {{role, content}}): {e}"
-            ) from e
-    if not items:
-        raise ConfigError(f"prompts_file: '{path}' holds no prompts.")
-    return items
+    return [_jsonl_prompt(line, f"{path}:{number}") for number, line in enumerate(lines, 1)]
+
+
+def _jsonl_prompt(line: str, where: str) -> str | list[dict]:
+    try:
+        record = json.loads(line)
+        if isinstance(record.get("prompt"), str):
+            return record["prompt"]
+        messages = record["messages"]
+        if isinstance(messages, list) and messages and all(
+                isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages):
+            return messages
+    except (ValueError, KeyError, TypeError):
+        pass
+    raise ConfigError(f"{where}: each line must be JSON with 'prompt' (a string) or 'messages' "
+                      "(a non-empty list of {\"role\": ..., \"content\": ...}).")
 
 
 def tokenize(prompt: str | list[dict], tokenizer) -> Prompt:
     if isinstance(prompt, str):
         return Prompt(prompt, tokenizer.encode(prompt, add_bos=True, add_eos=False), raw=True)
+    unknown = [m["role"] for m in prompt if m["role"] not in get_args(Role)]
+    if unknown:  # torchtune's Message does not check its role
+        raise ConfigError(f"prompt messages: unknown role '{unknown[0]}'; use one of "
+                          f"{', '.join(get_args(Role))}.")
     messages = [Message(role=m["role"], content=m["content"]) for m in prompt]
     if messages[-1].role != "assistant":  # an empty assistant turn starts the reply
         messages.append(Message(role="assistant", content=""))
@@ -71,9 +84,13 @@ class IncrementalDecoder:
     """Text of the generated ids, decoded with the prompt as context so that
     SentencePiece's leading spaces and multi-byte characters come out right."""
 
+    # Enough of the prompt's end to decide spaces and join split characters; decoding
+    # the whole prompt on every token would make streaming quadratic in its length.
+    CONTEXT_TOKENS = 8
+
     def __init__(self, tokenizer, prompt_tokens: list[int]):
         self.tokenizer = tokenizer
-        self.prompt_tokens = list(prompt_tokens)
+        self.prompt_tokens = list(prompt_tokens)[-self.CONTEXT_TOKENS:]
         self.prefix = tokenizer.decode(self.prompt_tokens)
         self.shown = 0
 

@@ -248,3 +248,48 @@ def test_peak_rss_is_this_process_own_not_its_parents(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert int(result.stdout.strip()) < 1280 << 20
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["output_file=/no/such/folder/out.jsonl"], "output_file: the folder of"),
+    (["metrics_file=/tmp"], "metrics_file: '/tmp' is a folder"),
+    (["prompt=[1,2]"], "prompts_file"),
+    (["checkpoint=null", "checkpointer={_component_: torchtune.training.FullModelHFCheckpointer}"],
+     "checkpointer.checkpoint_dir is not set"),
+])
+def test_more_bad_input_fails_before_loading_with_one_line(capsys, overrides, message):
+    code, out, err = run(capsys, *overrides)
+    assert code == 1 and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_number_prompt_and_home_relative_paths(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "tok.model").write_bytes((demo_dir() / "tokenizer.model").read_bytes())
+    code, out, _ = run(capsys, "prompt=7", "max_new_tokens=3", "tokenizer.path=~/tok.model",
+                       "output_file=~/out.jsonl")
+    assert code == 0 and out.startswith("7")
+    assert records(tmp_path / "out.jsonl")[0]["prompt"] == "7"
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "holds no prompts"),
+    ('{"messages": "hi"}\n', "non-empty list"),
+    ('{"messages": [{"content": "hi"}]}\n', "non-empty list"),
+    ('{"messages": [{"role": "bot", "content": "hi"}]}\n', "prompt messages"),
+])
+def test_bad_prompts_files(capsys, tmp_path, content, message):
+    suffix = ".txt" if not content else ".jsonl"
+    prompts = tmp_path / f"prompts{suffix}"
+    prompts.write_text(content)
+    code, _, err = run(capsys, f"prompts_file={prompts}")
+    assert code == 1 and message in err and err.count("\n") == 1
+
+
+def test_bad_yaml_is_one_line(capsys, tmp_path):
+    for text in ("model: [unclosed\n", "- a list\n- at the top\n"):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        assert main(["--config", str(bad)]) == 1
+        err = capsys.readouterr().err
+        assert str(bad) in err and err.count("\n") == 1
