@@ -26,7 +26,6 @@ from leangen.errors import ConfigError, LeangenError
 DEBUG_ENV = "LEANGEN_DEBUG"
 
 
-
 def _demo_file(name: str = "") -> str:
     return str(demo_dir() / name)
 

@@ -32,6 +32,7 @@ from leangen.components import ModelKeys, model_from_config, tokenizer_from_conf
 from leangen.config import output_path, parse_args, run_recipe
 from leangen.errors import ConfigError
 from leangen.load import resolve_device
+from leangen.metrics import summary
 from leangen.perplexity import Score, Throughput, perplexity
 
 INSTALL_HINT = "pip install 'leangen[eval]'"
@@ -97,7 +98,7 @@ class EvalRecipe:
         if cfg.output_file:
             output_path("output_file", cfg.output_file).write_text(
                 json.dumps(results, indent=2, default=str) + "\n")
-        print(_summary(self.metrics), file=sys.stderr)
+        print(summary(self.metrics), file=sys.stderr)
         return results
 
     def _perplexity(self, cfg: DictConfig) -> dict:
@@ -217,11 +218,6 @@ def _print_results(results: dict) -> None:
         from lm_eval.utils import make_table
 
         print(make_table(results["lm_eval"]))
-
-
-def _summary(metrics: dict) -> str:
-    rate = metrics.get("tokens_per_second")
-    return f"load {metrics['load_seconds']:.2f} s" + (f" | {rate:.0f} tok/s" if rate else "")
 
 
 @run_recipe

@@ -30,14 +30,15 @@ def peak_device_bytes(device: torch.device) -> int | None:
 
 
 def summary(metrics: dict[str, Any]) -> str:
-    """One human line for stderr."""
+    """One human line for stderr; figures a recipe does not record are left out."""
     device = metrics.get("peak_device_bytes")
     parts = [
         f"load {metrics['load_seconds']:.2f} s",
         f"first token {metrics['first_token_seconds']:.2f} s" if "first_token_seconds" in metrics else None,
         f"{metrics['tokens_per_second']:.1f} tok/s" if metrics.get("tokens_per_second") else None,
         f"{metrics['bandwidth_gb_per_s']:.1f} GB/s" if metrics.get("bandwidth_gb_per_s") else None,
-        f"peak host RSS {metrics['peak_host_rss_bytes'] / 2**30:.2f} GiB",
+        f"peak host RSS {metrics['peak_host_rss_bytes'] / 2**30:.2f} GiB"
+        if metrics.get("peak_host_rss_bytes") else None,
         f"peak device {device / 2**30:.2f} GiB" if device is not None else None,
     ]
     return " | ".join(p for p in parts if p)
