@@ -22,6 +22,7 @@ Results go to stdout and to ``output_file`` as JSON::
 import json
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -76,7 +77,8 @@ class EvalRecipe:
         texts = {path: _read_text(path) for path in cfg.perplexity.files} if cfg.perplexity else {}
         self.tokenizer = tokenizer_from_config(cfg)
         self.sequences = {path: _tokenize(path, text, self.tokenizer) for path, text in texts.items()}
-        self.tasks, self.task_manager = _resolve_tasks(cfg.lm_eval) if cfg.lm_eval else ([], None)
+        # the tasks' datasets load now, so a missing one fails before the model loads
+        self.task_dict = _load_tasks(cfg.lm_eval) if cfg.lm_eval else None
         start = time.perf_counter()
         self.model = model_from_config(cfg, self.device)
         self.metrics["load_seconds"] = time.perf_counter() - start
@@ -90,7 +92,7 @@ class EvalRecipe:
         # 1. perplexity on local text
         ppl = self._perplexity(cfg) if self.sequences else None
         # 2. lm-evaluation-harness tasks
-        harness = self._lm_eval(cfg) if self.tasks else None
+        harness = self._lm_eval(cfg) if self.task_dict else None
         # 3. report: stdout, the JSON file, the metrics line on stderr
         self._record_metrics()
         results = {"perplexity": ppl, "lm_eval": harness, "metrics": self.metrics}
@@ -113,16 +115,20 @@ class EvalRecipe:
         return report
 
     def _lm_eval(self, cfg: DictConfig) -> dict:
-        from lm_eval import simple_evaluate
+        # `evaluate`, not `simple_evaluate`: the tasks were loaded in setup, before the model,
+        # and simple_evaluate's results metadata runs `git describe`, which prints
+        # "fatal: not a git repository" outside a git folder. The arguments are the ones
+        # simple_evaluate passes (fewshot_as_multiturn is True there, False in evaluate).
+        from lm_eval.evaluator import evaluate
 
         from leangen.lm_eval_adapter import LeangenLM
 
         block = cfg.lm_eval
         lm = LeangenLM(self.model, self.tokenizer, max_length=cfg.max_seq_len,
                        batch_size=cfg.batch_size, throughput=self.throughput)
-        out = simple_evaluate(model=lm, tasks=self.tasks, task_manager=self.task_manager,
-                              num_fewshot=block.num_fewshot, limit=block.limit,
-                              apply_chat_template=block.apply_chat_template, log_samples=False)
+        out = evaluate(lm=lm, task_dict=self.task_dict, limit=block.limit,
+                       apply_chat_template=block.apply_chat_template, fewshot_as_multiturn=True,
+                       log_samples=False)
         keys = ("results", "groups", "versions", "n-shot", "higher_is_better", "n-samples")
         return {key: out[key] for key in keys if key in out}
 
@@ -195,6 +201,91 @@ def _resolve_tasks(block: DictConfig) -> tuple[list[str], Any]:
             raise ConfigError(f"lm_eval.tasks: unknown task '{name}': not {where}among lm-eval's "
                               f"{len(manager.all_tasks)} built-in tasks, groups and tags.")
     return manager.match_tasks(list(block.tasks)), manager
+
+
+def _load_tasks(block: DictConfig) -> dict:
+    """lm-eval's task dict ({"tasks", "groups", ...}), every task's dataset loaded, set up
+    as simple_evaluate sets it up: seeded before the load, few-shot overrides after."""
+    names, manager = _resolve_tasks(block)
+    _seed_like_simple_evaluate()
+    task_dict = _load_datasets(names, manager)
+    _set_fewshot(task_dict["tasks"], block.num_fewshot)
+    return task_dict
+
+
+def _seed_like_simple_evaluate() -> None:
+    """simple_evaluate's default seeds (python 0, numpy and torch 1234), so that results
+    match lm-eval's own runs even for tasks that draw from the global generators."""
+    import random
+
+    import numpy as np
+    import torch
+    from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
+
+    random.seed(DEFAULT_RANDOM_SEED)
+    np.random.seed(DEFAULT_OTHER_SEED)
+    torch.manual_seed(DEFAULT_OTHER_SEED)
+
+
+def _load_datasets(names: list[str], manager: Any) -> dict:
+    """``manager.load``, which builds every task and loads its dataset (``datasets.load_dataset``)."""
+    from datasets.exceptions import DatasetsError
+
+    try:
+        return manager.load(names)
+    # datasets' and huggingface_hub's errors (offline, not found, gated) are all
+    # OSErrors; DatasetsError covers the rest, e.g. a data file that fails to parse
+    except (OSError, DatasetsError) as e:
+        raise _dataset_error(e, names) from e
+
+
+def _dataset_error(e: Exception, names: list[str]) -> ConfigError:
+    task, dataset = _failing_task(e)
+    who = f"task '{task}'" if task else f"one of the tasks {names}"
+    data = f"dataset '{dataset}'" if dataset else "dataset"
+    if isinstance(e, ConnectionError):  # datasets' "Couldn't reach '...' on the Hub"
+        import datasets
+
+        why = ("offline mode is on (HF_DATASETS_OFFLINE or HF_HUB_OFFLINE)"
+               if datasets.config.HF_HUB_OFFLINE else "the Hugging Face Hub could not be reached")
+        return ConfigError(
+            f"lm_eval.tasks: {who} needs its {data}, which is not in the `datasets` cache, and "
+            f"{why}. Run once online so that `datasets` caches it, then set HF_DATASETS_OFFLINE=1 "
+            "to stay offline; or evaluate a local task through lm_eval.include_path."
+        )
+    # run_recipe prints the message on one line
+    return ConfigError(f"lm_eval.tasks: {who} could not load its {data}: {type(e).__name__}: {e}")
+
+
+def _failing_task(e: Exception) -> tuple[Optional[str], Optional[str]]:
+    """(task name, dataset path) of the task whose loading raised ``e``, or Nones.
+
+    lm-eval lets datasets' error through without saying whose dataset it was: the
+    task is the innermost lm-eval ``Task`` on the traceback (its ``download``).
+    """
+    from lm_eval.api.task import Task
+
+    task = None
+    for frame, _ in traceback.walk_tb(e.__traceback__):
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, Task):
+            task = owner
+    if task is None:
+        return None, None
+    return getattr(task.config, "task", None), getattr(task, "DATASET_PATH", None)
+
+
+def _set_fewshot(tasks: dict, num_fewshot: Optional[int]) -> None:
+    """simple_evaluate's per-task few-shot overrides, which `evaluate` leaves to its caller."""
+    from lm_eval.defaults import DEFAULT_OTHER_SEED
+
+    for task in tasks.values():
+        default = task.get_config("num_fewshot")
+        if num_fewshot is not None and default != 0:  # a task's own 0 is never overridden
+            task.set_config(key="num_fewshot", value=num_fewshot)
+        elif num_fewshot is None and default is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
 
 
 def _import_lm_eval():

@@ -109,6 +109,46 @@ def test_local_task_loglikelihoods_equal_lm_eval_hf_backend():
         assert got == pytest.approx(want, rel=1e-4, abs=1e-5), doc_id
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_recipe_equals_simple_evaluate_with_few_shot(tmp_path, capsys, chat):
+    """The recipe calls lm-eval's `evaluate` itself, with simple_evaluate's seeds and
+    few-shot overrides: same model, same numbers, also with few-shot examples drawn."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    from torchtune.models.llama2 import llama2_tokenizer
+
+    from leangen import load_model
+    from leangen.lm_eval_adapter import LeangenLM
+
+    out = tmp_path / "r.json"
+    code, _, err = run(capsys, "~perplexity", "lm_eval.num_fewshot=2", "lm_eval.limit=16",
+                       f"lm_eval.apply_chat_template={str(chat).lower()}", f"output_file={out}")
+    assert code == 0, err
+    got = json.loads(out.read_text())["lm_eval"]
+    cfg = parse_args(["--config", "eval_demo"], EvalConfig)
+    model = load_model(cfg.model, demo_dir(), model_type="llama2")
+    lm = LeangenLM(model, llama2_tokenizer(str(demo_dir() / "tokenizer.model")), max_length=256)
+    want = simple_evaluate(model=lm, tasks=["counting_mc"], num_fewshot=2, limit=16,
+                           apply_chat_template=chat, log_samples=False,
+                           task_manager=TaskManager(include_path=str(TASKS), include_defaults=False))
+    assert got["n-shot"] == want["n-shot"] == {"counting_mc": 2}
+    assert got["results"] == json.loads(json.dumps(want["results"], default=str))
+
+
+def test_outside_git_no_stray_git_output(tmp_path):
+    """lm-eval's simple_evaluate ran `git describe` with stderr inherited, which printed
+    "fatal: not a git repository" outside a git folder; the recipe no longer calls it."""
+    env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(tmp_path.parent)}  # no repo above
+    proc = subprocess.run(
+        [sys.executable, "-m", "leangen.eval", "--config", "eval_demo", "~perplexity",
+         "lm_eval.limit=8", "output_file=r.json"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "fatal:" not in proc.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["lm_eval"]["results"]["counting_mc"]
+
+
 def test_chat_template_runs(tmp_path, capsys):
     out = tmp_path / "r.json"
     code, _, err = run(capsys, "~perplexity", "lm_eval.apply_chat_template=true", "lm_eval.limit=4",
@@ -158,6 +198,37 @@ def test_unknown_task_gives_a_one_line_error(tmp_path, capsys):
 def test_max_seq_len_beyond_the_model_gives_a_one_line_error(tmp_path, capsys):
     code, _, err = run(capsys, "max_seq_len=512", "~lm_eval", f"output_file={tmp_path}/r.json")
     assert_one_line_error(code, err, "max_seq_len=512", "256")
+
+
+def test_builtin_task_offline_fails_in_one_line_before_the_model_loads(tmp_path):
+    """No network needed: offline mode and an empty cache make `datasets` fail at once.
+    The checkpoint does not exist, so reaching the model load would give another error."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("HF_DATASETS_CACHE", "HF_HUB_CACHE", "HF_HOME")}
+    env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "leangen.eval", "--config", "eval_demo", "~perplexity",
+         "lm_eval.tasks=[arc_easy]", f"checkpoint.path={tmp_path}/missing", "output_file=r.json"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+    )
+    assert_one_line_error(proc.returncode, proc.stderr, "task 'arc_easy'", "'allenai/ai2_arc'",
+                          "offline mode is on", "HF_DATASETS_OFFLINE=1", "lm_eval.include_path")
+    assert "missing" not in proc.stderr and not (tmp_path / "r.json").exists()
+
+
+def test_local_task_with_missing_data_gives_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "broken.yaml").write_text(
+        "task: broken_task\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path}/missing.jsonl\n"
+        "output_type: multiple_choice\ntest_split: test\n"
+        "doc_to_text: '{{q}}'\ndoc_to_target: 0\ndoc_to_choice: [a, b]\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    code, _, err = run(capsys, "~perplexity", f"lm_eval.include_path={tmp_path}",
+                       "lm_eval.tasks=[broken_task]", f"checkpoint.path={tmp_path}/no_model",
+                       f"output_file={tmp_path}/r.json")
+    assert_one_line_error(code, err, "task 'broken_task'", "could not load its dataset",
+                          f"{tmp_path}/missing.jsonl")
 
 
 def test_without_lm_eval_the_error_says_how_to_install(tmp_path, capsys, monkeypatch):
