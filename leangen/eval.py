@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from leangen.components import ModelKeys, model_from_config, tokenizer_from_config
 from leangen.config import output_path, parse_args, run_recipe
@@ -41,7 +41,9 @@ INSTALL_HINT = "pip install 'leangen[eval]'"
 
 @dataclass
 class PerplexityConfig:
-    files: List[str] = field(default_factory=list)
+    # Any, not List[str]: OmegaConf refuses `perplexity.files=/x.txt` for a list field,
+    # and one path is a fine answer. _text_files turns it into a list of paths.
+    files: Any = field(default_factory=list)
     stride: Optional[int] = None  # null: max_seq_len (non-overlapping windows)
 
 
@@ -138,6 +140,8 @@ class EvalRecipe:
 
 
 def _reject_bad_options(cfg: DictConfig) -> None:
+    if cfg.perplexity:  # one path or a list of them; a list from here on
+        cfg.perplexity.files = _text_files(cfg.perplexity.files)
     if cfg.model is None or cfg.tokenizer is None:
         raise ConfigError("the config needs a 'model' and a 'tokenizer' block.")
     if cfg.max_seq_len < 2 or cfg.batch_size < 1:
@@ -151,14 +155,32 @@ def _reject_bad_options(cfg: DictConfig) -> None:
     output_path("output_file", cfg.output_file)  # fails now, not after the scoring
 
 
+def _text_files(value: Any) -> list[str]:
+    """perplexity.files as a list of paths: one path or a list of them."""
+    if value is None:
+        return []
+    paths = [value] if isinstance(value, str) else value
+    if not OmegaConf.is_list(paths) and not isinstance(paths, list):
+        raise ConfigError(f"perplexity.files: give a text file or a list of them, not {value!r}.")
+    for path in paths:
+        if not isinstance(path, str):
+            raise ConfigError(f"perplexity.files: {path!r} is not a file path; give paths of text files.")
+    return list(paths)
+
+
 def _read_text(path: str) -> str:
     file = Path(path).expanduser()
+    if file.is_dir():
+        raise ConfigError(f"perplexity.files: '{path}' is a folder; give the text files in it, "
+                          f"e.g. perplexity.files=[{path.rstrip('/')}/a.txt,{path.rstrip('/')}/b.txt].")
     if not file.is_file():
         raise ConfigError(f"perplexity.files: '{path}' does not exist.")
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"perplexity.files: '{path}' is not UTF-8 text ({e.reason}).") from e
+    except OSError as e:  # e.g. no read permission
+        raise ConfigError(f"perplexity.files: cannot read '{path}': {e.strerror}.") from e
     if not text:
         raise ConfigError(f"perplexity.files: '{path}' is empty.")
     return text

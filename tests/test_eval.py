@@ -190,6 +190,28 @@ def test_bad_text_files_give_one_line_errors(tmp_path, capsys, content, fragment
     assert_one_line_error(code, err, str(path), fragment)
 
 
+def test_a_folder_of_text_gives_a_one_line_error(tmp_path, capsys):
+    code, _, err = run(capsys, f"perplexity.files=[{tmp_path}]", "~lm_eval", f"output_file={tmp_path}/r.json")
+    assert_one_line_error(code, err, str(tmp_path), "is a folder", "give the text files")
+
+
+def test_one_text_file_without_brackets_is_a_list_of_one(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code, _, err = run(capsys, f"perplexity.files={COUNTING}", "~lm_eval", f"output_file={out}")
+    assert code == 0, err
+    assert set(json.loads(out.read_text())["perplexity"]) == {str(COUNTING), "all"}
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ("[1]", "1 is not a file path"),
+    (f"[{COUNTING},[a]]", "is not a file path"),
+    ("3", "give a text file or a list of them, not 3"),
+])
+def test_text_files_that_are_not_paths_give_one_line_errors(tmp_path, capsys, value, fragment):
+    code, _, err = run(capsys, f"perplexity.files={value}", "~lm_eval", f"output_file={tmp_path}/r.json")
+    assert_one_line_error(code, err, "perplexity.files", fragment)
+
+
 def test_unknown_task_gives_a_one_line_error(tmp_path, capsys):
     code, _, err = run(capsys, "lm_eval.tasks=[no_such_task]", f"output_file={tmp_path}/r.json")
     assert_one_line_error(code, err, "unknown task 'no_such_task'", str(TASKS))
