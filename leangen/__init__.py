@@ -9,9 +9,11 @@ logging.getLogger("torchao").setLevel(logging.ERROR)
 
 from leangen.errors import CheckpointError, ConfigError, ConversionError, LeangenError
 from leangen.load import load_model
+from leangen.generation import Generated, generate_text
 from leangen.view import Checkpoint, load_tensors, open_checkpoint
 
+
 __all__ = [
-    "Checkpoint", "CheckpointError", "ConfigError", "ConversionError", "LeangenError",
-    "load_model", "load_tensors", "open_checkpoint",
+    "Checkpoint", "CheckpointError", "ConfigError", "ConversionError", "Generated", "LeangenError",
+    "generate_text", "load_model", "load_tensors", "open_checkpoint",
 ]

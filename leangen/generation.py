@@ -1,4 +1,7 @@
-"""Prefill then decode, as a generator of one token per sequence per step.
+"""Prefill then decode: a generator of one token per sequence per step
+(``generate_steps``), the completions it builds (``complete``), and text in, text
+out for the Python API (``generate_text``). The recipes and the lm-eval adapter all
+go through ``complete``.
 
 Prompts of different lengths are left-padded; torchtune's padding-mask helpers give
 each sequence its own positions and a causal mask that hides the padding, so a
@@ -9,15 +12,21 @@ longest prompt plus ``max_new_tokens``, never to the model's maximum context.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 from torchtune.generation import get_causal_mask_from_padding_mask, get_position_ids_from_padding_mask
 from torchtune.modules.common_utils import local_kv_cache
 
+from leangen.errors import ConfigError
+from leangen.sampling import check_sampling, sample
+from leangen.text import IncrementalDecoder, tokenize
+
 Sampler = Callable[[torch.Tensor], torch.Tensor]  # logits [b, vocab] -> ids [b]
 Forward = Callable[..., torch.Tensor]
+OnStep = Callable[["Completions"], None]
 
 
 @dataclass
@@ -85,3 +94,86 @@ def _caches(model: torch.nn.Module, use_cache: bool, batch_size: int, length: in
     dtype = next(model.parameters()).dtype
     return local_kv_cache(model, batch_size=batch_size, device=device, dtype=dtype,
                           decoder_max_seq_len=length)
+
+
+def check_fits(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """Every prompt plus ``max_new_tokens`` fits the model's context."""
+    limit = model.max_seq_len
+    for number, prompt in enumerate(prompts, 1):
+        if len(prompt) + max_new_tokens > limit:
+            raise ConfigError(
+                f"prompt {number} is {len(prompt)} tokens; with max_new_tokens={max_new_tokens} it "
+                f"needs {len(prompt) + max_new_tokens} positions, more than the model's max_seq_len "
+                f"of {limit}. Shorten the prompt or lower max_new_tokens."
+            )
+
+
+class Completions:
+    """Each sequence's generated ids as the steps arrive. A sequence ends at its stop
+    token, which it keeps (``text_ids`` leaves it out), or when the caller ends it."""
+
+    def __init__(self, count: int, stop_tokens: list[int]):
+        self.tokens: list[list[int]] = [[] for _ in range(count)]
+        self.done = [False] * count
+        self.stopped = [False] * count  # ended by a stop token
+        self._stops = set(stop_tokens)
+
+    def add(self, step: Step) -> list[int]:
+        """Append the step's tokens; returns the sequences that took one."""
+        took = []
+        for i, token in enumerate(step.tokens.tolist()):
+            if not self.done[i]:
+                self.tokens[i].append(token)
+                self.stopped[i] = self.done[i] = token in self._stops
+                took.append(i)
+        return took
+
+    def end(self, i: int) -> None:
+        """End sequence ``i`` for the caller's own reason (e.g. a stop string)."""
+        self.done[i] = True
+
+    def text_ids(self, i: int) -> list[int]:
+        """The ids that have text: without the final stop token."""
+        return self.tokens[i][:-1] if self.stopped[i] else self.tokens[i]
+
+
+def complete(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens: int,
+             sampler: Sampler, stop_tokens: list[int], use_cache: bool = True,
+             decode_forward: Forward | None = None, on_step: OnStep | None = None) -> Completions:
+    """Generate until every sequence is done; ``on_step`` sees the completions after
+    each step (to stream, time, or end sequences early)."""
+    completions = Completions(len(prompts), stop_tokens)
+    steps = generate_steps(model, prompts, max_new_tokens=max_new_tokens, sampler=sampler,
+                           stop_tokens=stop_tokens, use_cache=use_cache, decode_forward=decode_forward)
+    # closing the generator, even on an error or Ctrl-C, takes its KV cache off the model
+    with contextlib.closing(steps):
+        for step in steps:
+            completions.add(step)
+            if on_step is not None:
+                on_step(completions)
+            if all(completions.done):
+                break
+    return completions
+
+
+@dataclass
+class Generated:
+    text: str  # the completion's text, without the stop token
+    tokens: list[int]  # the generated ids, the stop token included if one ended it
+    prompt_tokens: list[int]
+
+
+def generate_text(model: torch.nn.Module, tokenizer, prompt: str | list[dict], *,
+                  max_new_tokens: int = 128, temperature: float = 0.0, top_k: Optional[int] = None,
+                  top_p: Optional[float] = None) -> Generated:
+    """One completion, as the generate recipe makes it: a string is a raw completion
+    (BOS + text), a list of ``{"role", "content"}`` messages goes through the
+    tokenizer's chat format. Greedy by default."""
+    check_sampling(temperature, top_k, top_p)
+    tokens = tokenize(prompt, tokenizer).tokens
+    check_fits(model, [tokens], max_new_tokens)
+    sampler = functools.partial(sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    done = complete(model, [tokens], max_new_tokens=max_new_tokens, sampler=sampler,
+                    stop_tokens=list(tokenizer.stop_tokens))
+    text = IncrementalDecoder(tokenizer, tokens).text(done.text_ids(0))
+    return Generated(text, done.tokens[0], tokens)

@@ -4,7 +4,7 @@
 token requests, this class scores them with the model already in memory. Nothing
 is downloaded (torchtune's wrapper initialises ``HFLM(pretrained="gpt2")``, which
 does). Scoring batches right-padded requests with the KV cache off; generation
-goes through ``leangen.generation.generate_steps``, which sizes its own cache.
+goes through ``leangen.generation.complete``, as in the generate recipe.
 
 lm-eval is an optional extra (``pip install 'leangen[eval]'``): import this
 module only once ``lm_eval`` is known to import.
@@ -12,7 +12,6 @@ module only once ``lm_eval`` is known to import.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import re
@@ -25,7 +24,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from leangen.errors import ConfigError
-from leangen.generation import generate_steps
+from leangen.generation import Completions, complete
 from leangen.perplexity import Throughput, padded_logits, token_logprobs
 from leangen.sampling import sample
 from leangen.text import IncrementalDecoder, tokenize
@@ -202,30 +201,22 @@ class LeangenLM(TemplateLM):
     @torch.inference_mode()
     def _generate_batch(self, prompts: list[list[int]], kwargs: dict) -> list[str]:
         until = [s for s in kwargs["until"] if s]
-        stop_tokens = set(self._tokenizer.stop_tokens)
         decoders = [IncrementalDecoder(self._tokenizer, p) for p in prompts]
-        generated: list[list[int]] = [[] for _ in prompts]
-        done = [False] * len(prompts)
         sampler = functools.partial(sample, temperature=float(kwargs.get("temperature", 0.0)),
                                     top_k=kwargs.get("top_k"), top_p=kwargs.get("top_p"))
-        steps = generate_steps(self.model, prompts, max_new_tokens=kwargs["max_gen_toks"],
-                               sampler=sampler, stop_tokens=list(stop_tokens))
-        # closing the generator, even on an error, takes its KV cache off the model
-        with self.throughput, contextlib.closing(steps):
-            for step in steps:
-                for i, token in enumerate(step.tokens.tolist()):
-                    if done[i]:
-                        continue
-                    if token in stop_tokens:
-                        done[i] = True
-                        continue
-                    generated[i].append(token)
-                    text = decoders[i].text(generated[i])  # once per token, not per stop string
-                    done[i] = any(s in text for s in until)
-                if all(done):
-                    break
-        self.throughput.tokens += sum(len(p) + len(g) for p, g in zip(prompts, generated))
-        return [_cut(d.text(g), until) for d, g in zip(decoders, generated)]
+
+        def end_at_stop_strings(completions: Completions) -> None:
+            for i, decoder in enumerate(decoders):
+                # decoded once per step, not once per stop string
+                if not completions.done[i] and any(s in decoder.text(completions.tokens[i]) for s in until):
+                    completions.end(i)
+
+        with self.throughput:
+            done = complete(self.model, prompts, max_new_tokens=kwargs["max_gen_toks"], sampler=sampler,
+                            stop_tokens=list(self._tokenizer.stop_tokens), on_step=end_at_stop_strings)
+        texts = [d.text(done.text_ids(i)) for i, d in enumerate(decoders)]
+        self.throughput.tokens += sum(len(p) + len(done.text_ids(i)) for i, p in enumerate(prompts))
+        return [_cut(text, until) for text in texts]
 
 
 def _cut(text: str, until: list[str]) -> str:

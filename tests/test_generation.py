@@ -65,3 +65,39 @@ def test_stops_at_stop_token_per_sequence(loaded):
     for out, full in zip(outputs, free):
         cut = full.index(stop) + 1 if stop in full else len(full)
         assert out == full[:cut]
+
+
+def _step(tokens, active=None):
+    from leangen.generation import Step
+
+    tokens = torch.tensor(tokens)
+    return Step(tokens, torch.ones_like(tokens, dtype=torch.bool) if active is None else torch.tensor(active))
+
+
+def test_completions_keep_the_stop_token_but_not_in_text_ids_and_take_nothing_after_it():
+    from leangen.generation import Completions
+
+    done = Completions(3, stop_tokens=[2])
+    assert done.add(_step([5, 2, 7])) == [0, 1, 2]
+    done.end(2)  # e.g. a stop string
+    assert done.add(_step([6, 9, 9], [True, False, True])) == [0]
+    assert done.tokens == [[5, 6], [2], [7]]
+    assert [done.text_ids(i) for i in range(3)] == [[5, 6], [], [7]]
+    assert done.done == [False, True, True] and done.stopped == [False, True, False]
+
+
+def test_generate_text_on_the_demo_equals_the_recipe_golden_output():
+    from omegaconf import OmegaConf
+    from torchtune.models.llama2 import llama2_tokenizer
+
+    from leangen.config import resolve_config_path
+    from leangen.demo import demo_dir
+    from test_generate_recipe import GOLDEN, GOLDEN_IDS
+
+    model = leangen.load_model(OmegaConf.load(resolve_config_path("demo")).model, demo_dir())
+    tokenizer = llama2_tokenizer(str(demo_dir() / "tokenizer.model"), prompt_template=None)
+    result = leangen.generate_text(model, tokenizer, "one two three", max_new_tokens=20)
+    assert result.tokens == GOLDEN_IDS and result.prompt_tokens == [1, 46, 47, 44]
+    assert "one two three" + result.text == GOLDEN
+    with pytest.raises(leangen.ConfigError, match="max_seq_len of 256"):
+        leangen.generate_text(model, tokenizer, "one " * 300)
