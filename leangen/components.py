@@ -7,7 +7,7 @@ ever written to the checkpointer's ``output_dir``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,16 +28,34 @@ CHECKPOINTERS = {
 }
 
 
+def _key(default: Any, help: str) -> Any:
+    """A config key with the meaning ``--help`` shows."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelKeys:
     """The config keys every recipe shares: what to load, and where to run it."""
 
-    model: Any = None
-    tokenizer: Any = None
-    checkpoint: Optional[Any] = None
-    checkpointer: Optional[Any] = None  # a torchtune checkpointer block, read not instantiated
-    device: str = "auto"  # cuda when available, else cpu
-    dtype: str = "auto"  # the stored dtype: zero copy on CPU
+    model: Any = _key(None, "{_component_: a torchtune builder, its kwargs...}")
+    tokenizer: Any = _key(None, "{_component_: a torchtune tokenizer builder, path: ...}")
+    checkpoint: Optional[Any] = _key(None, "{path: dir, file or list of files, model_type: auto}")
+    checkpointer: Optional[Any] = _key(None, "a torchtune checkpointer block: read, never instantiated")
+    device: str = _key("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
+    dtype: str = _key("auto", "auto (the stored dtype: zero copy on CPU) | bf16 | fp16 | fp32")
+    threads: Optional[int] = _key(None, "CPU threads (null: torch's choice, which follows OMP_NUM_THREADS)")
+
+
+def set_threads(threads: Optional[int]) -> int:
+    """Set torch's intra-op threads when the config asks; returns the number in use.
+
+    On a machine busy with other work, fewer threads than cores avoids OpenMP workers
+    spinning against the other job (README "Busy machines")."""
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"threads={threads}: give at least 1, or null for torch's choice.")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 def checkpoint_source(cfg: DictConfig) -> tuple[Any, str]:
@@ -87,8 +105,21 @@ def tokenizer_from_config(cfg: DictConfig):
     if path is not None:
         overrides["path"] = str(Path(path).expanduser())
         if not Path(overrides["path"]).exists():
+            _missing_checkpoint_first(cfg)
             raise ConfigError(f"tokenizer.path: '{path}' does not exist. Point it at the model's tokenizer file.")
     try:
         return tt_config.instantiate(cfg.tokenizer, **overrides)
     except Exception as e:  # torchtune wraps builder errors in its own InstantiationError
         raise ConfigError(f"tokenizer '{cfg.tokenizer.get('_component_')}' failed: {e}") from e
+
+
+def _missing_checkpoint_first(cfg: DictConfig) -> None:
+    """A packaged config's tokenizer path follows checkpoint.path; when the checkpoint is
+    missing too, that is the real cause."""
+    block = cfg.get("checkpoint")
+    path = block.get("path") if block is not None else None
+    if isinstance(path, str) and not Path(path).expanduser().exists():
+        raise ConfigError(
+            f"checkpoint.path: '{path}' does not exist (and the tokenizer path follows it). "
+            "Set checkpoint.path=/path/to/your/download, e.g. on the command line."
+        )

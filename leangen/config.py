@@ -9,19 +9,26 @@ types are then checked against the recipe's dataclass schema with OmegaConf.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import functools
+import json
 import os
+import shutil
 import sys
-from dataclasses import fields
+import tempfile
+import typing
+import warnings
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from yaml import YAMLError
 
 from leangen.demo import demo_dir
-from leangen.errors import ConfigError, LeangenError
+from leangen.errors import ConfigError, Interrupted, LeangenError
 
 DEBUG_ENV = "LEANGEN_DEBUG"
 
@@ -60,12 +67,19 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 
 def parse_args(argv: Sequence[str], schema: type) -> DictConfig:
-    """``--config X [key=value | ~key ...]`` to a validated config for ``schema``."""
+    """``--config X [key=value | ~key ...]`` to a validated config for ``schema``.
+
+    ``--help``, ``--list-configs`` and ``--copy-config NAME DEST`` answer and exit
+    (SystemExit 0), in the spirit of ``tune ls`` and ``tune cp``.
+    """
     from torchtune.config._utils import _merge_yaml_and_cli_args
 
-    parser = argparse.ArgumentParser(add_help=True)
-    parser.add_argument("--config", required=True, help="YAML path or packaged config name")
-    args, overrides = parser.parse_known_args(argv)
+    args, overrides = _cli_parser(schema).parse_known_args(argv)
+    if args.help or args.list_configs or args.copy_config:
+        _answer_and_exit(args, schema)
+    if args.config is None:
+        raise ConfigError("--config is required: a YAML path or a packaged config name "
+                          "(--list-configs shows them; --help shows the keys).")
     path = resolve_config_path(args.config)
     try:
         yaml = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
@@ -77,24 +91,126 @@ def parse_args(argv: Sequence[str], schema: type) -> DictConfig:
     return validate(merged, schema, source=str(path))
 
 
+def _cli_parser(schema: type) -> argparse.ArgumentParser:
+    # add_help=False: --help must show the config keys, which argparse does not know
+    parser = argparse.ArgumentParser(prog=f"leangen-{recipe_name(schema)}", add_help=False)
+    parser.add_argument("--config", help="YAML path or packaged config name")
+    parser.add_argument("-h", "--help", action="store_true")
+    parser.add_argument("--list-configs", action="store_true")
+    parser.add_argument("--copy-config", nargs=2, metavar=("NAME", "DEST"))
+    return parser
+
+
+def _answer_and_exit(args: argparse.Namespace, schema: type) -> None:
+    if args.copy_config:
+        print(f"copied to {copy_config(*args.copy_config)}")
+    elif args.list_configs:
+        print(list_configs(recipe_name(schema)))
+    else:
+        print(help_text(schema))
+    raise SystemExit(0)
+
+
+def recipe_name(schema: type) -> str:
+    """``generate`` or ``eval``: the schema's RECIPE class attribute."""
+    return getattr(schema, "RECIPE", "generate")
+
+
+def config_description(path: Path) -> str:
+    """A packaged YAML's first comment line, after its ``name:`` prefix."""
+    first = path.read_text().splitlines()[0] if path.read_text() else ""
+    return first.lstrip("# ").split(": ", 1)[-1] if first.startswith("#") else ""
+
+
+def list_configs(recipe: str) -> str:
+    """The packaged configs that run with ``recipe``, a line each with what they run."""
+    paths = [packaged_configs_dir() / f"{name}.yaml" for name in packaged_config_names()]
+    mine = [p for p in paths if f"leangen/{recipe} " in p.read_text()]
+    width = max((len(p.stem) for p in mine), default=0)
+    return "\n".join(f"{p.stem:<{width}}  {config_description(p)}" for p in mine)
+
+
+def copy_config(name: str, dest: str) -> Path:
+    """Copy a packaged config to ``dest`` (a file, or a folder to put NAME.yaml in);
+    like ``tune cp``, an existing file is never overwritten."""
+    source = resolve_config_path(name)
+    target = Path(dest).expanduser()
+    if target.is_dir():
+        target = target / source.name
+    if target.exists():
+        raise ConfigError(f"--copy-config: '{target}' already exists; choose another destination.")
+    if not target.parent.is_dir():
+        raise ConfigError(f"--copy-config: the folder of '{target}' does not exist.")
+    shutil.copyfile(source, target)
+    return target
+
+
+def help_text(schema: type) -> str:
+    """Usage, every config key with its default and meaning, and the packaged configs."""
+    recipe = recipe_name(schema)
+    lines = [
+        f"usage: leangen-{recipe} --config CONFIG [key=value | key=null | ~key ...]",
+        f"       (also: tune run leangen/{recipe} --config CONFIG ..., python -m leangen.{recipe} ...)",
+        f"       leangen-{recipe} --list-configs | --copy-config NAME DEST | --help",
+        "",
+        "CONFIG is a YAML path or a packaged config name. Keys (default, meaning):",
+        *_key_lines(schema),
+        "",
+        f"Packaged configs for leangen/{recipe}:",
+        *("  " + line for line in list_configs(recipe).splitlines()),
+        "",
+        f"Errors print one line; set {DEBUG_ENV}=1 for a traceback.",
+    ]
+    return "\n".join(lines)
+
+
+def _key_lines(schema: type, prefix: str = "") -> list[str]:
+    lines = []
+    for f in fields(schema):
+        nested = _dataclass_of(f.type)
+        default = f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
+        shown = "???" if default is MISSING else json.dumps(default, default=str)
+        lines.append(f"  {prefix + f.name:<24} {shown:<8} {f.metadata.get('help', '')}".rstrip())
+        if nested:
+            lines += _key_lines(nested, prefix + f.name + ".")
+    return lines
+
+
+def _dataclass_of(annotation: Any) -> type | None:
+    """The dataclass inside ``Optional[X]``, or None."""
+    candidates = typing.get_args(annotation) or (annotation,)
+    return next((c for c in candidates if dataclasses.is_dataclass(c)), None)
+
+
 def validate(cfg: DictConfig, schema: type, *, source: str = "config") -> DictConfig:
     """Unknown keys and wrong types fail with the key's name; defaults fill the rest."""
     try:
         typed = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+    except ConfigKeyError as e:
+        raise ConfigError(f"{source}: {_unknown_key(e.full_key, schema)}") from e
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None)
-        known = ", ".join(f.name for f in fields(schema))
-        raise ConfigError(
-            f"{source}: invalid key '{key}': {_one_line(e)}. Valid top-level keys: {known}."
-        ) from e
+        raise ConfigError(f"{source}: '{e.full_key}' has a value of the wrong type: {_one_line(e)}. "
+                          f"--help shows each key's type and default.") from e
     missing = sorted(OmegaConf.missing_keys(typed))
     if missing:
         raise ConfigError(f"{source}: required key '{missing[0]}' is not set.")
     return typed
 
 
+def _unknown_key(full_key: str, schema: type) -> str:
+    *parents, leaf = full_key.split(".")
+    for parent in parents:  # the block the key is in
+        block = next((f for f in fields(schema) if f.name == parent), None)
+        schema = (_dataclass_of(block.type) if block else None) or schema
+    known = [f.name for f in fields(schema)]
+    close = difflib.get_close_matches(leaf, known, n=1)
+    hint = f"Did you mean '{'.'.join([*parents, close[0]])}'?" if close else f"Valid keys here: {', '.join(known)}."
+    return f"unknown key '{full_key}'. {hint} (--help lists every key.)"
+
+
 def output_path(key: str, value: str | None) -> Path | None:
-    """An output file the recipe will write, checked before any work starts."""
+    """An output file the recipe will write, checked before any work starts: a run
+    must not compute for an hour and then lose its results to a read-only folder."""
     if not value:
         return None
     path = Path(value).expanduser()
@@ -102,6 +218,12 @@ def output_path(key: str, value: str | None) -> Path | None:
         raise ConfigError(f"{key}: '{value}' is a folder; give a file name.")
     if not path.resolve().parent.is_dir():
         raise ConfigError(f"{key}: the folder of '{value}' does not exist.")
+    try:  # results are written by temp file and rename, so the folder must take a new file
+        with tempfile.TemporaryFile(dir=path.resolve().parent):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot write to the folder of '{value}' ({e.strerror}). "
+                          "Choose a writable path.") from e
     return path
 
 
@@ -110,20 +232,42 @@ def _one_line(e: Exception) -> str:
 
 
 def run_recipe(main: Callable[[list[str]], Any]) -> Callable[[list[str] | None], int]:
-    """Wrap a recipe's main: user errors print one line and exit 1, no traceback
-    unless LEANGEN_DEBUG=1."""
+    """Wrap a recipe's main: user errors print one line and exit 1, Ctrl-C one line and
+    exit 130, no traceback unless LEANGEN_DEBUG=1. Known third-party noise is silenced
+    so that stderr holds only leangen's summary."""
 
     @functools.wraps(main)
     def wrapper(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:] if argv is None else argv
+        quiet_known_warnings()
         try:
             main(argv)
-        except (LeangenError, FileNotFoundError) as e:
+        except (LeangenError, FileNotFoundError, KeyboardInterrupt) as e:
             if os.environ.get(DEBUG_ENV):
                 raise
             # one line whatever the message holds (torchtune's errors span several)
-            print("error: " + " ".join(str(e).split()), file=sys.stderr)
-            return 1
+            print(_error_line(e), file=sys.stderr, flush=True)
+            return INTERRUPTED_EXIT if isinstance(e, (KeyboardInterrupt, Interrupted)) else 1
         return 0
 
     return wrapper
+
+
+# What a shell reports for a process ended by SIGINT (128 + 2).
+INTERRUPTED_EXIT = 130
+
+
+def _error_line(e: BaseException) -> str:
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)."
+    prefix = "interrupted" if isinstance(e, Interrupted) else "error"
+    return f"{prefix}: " + " ".join(str(e).split())
+
+
+def quiet_known_warnings() -> None:
+    """torchtune 0.6.1's RMSNorm hands F.rms_norm fp32 activations with a bf16 weight,
+    which torch 2.13 reports once per process in the middle of the streamed text. The
+    result is correct (the unfused path; README "Warnings" gives its cost), so the
+    recipes, which own their process, hide it. API users keep their own filters."""
+    warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight",
+                            category=UserWarning)

@@ -5,7 +5,7 @@ Recipes print ``str(error)`` on one line and exit 1; set ``LEANGEN_DEBUG=1`` for
 traceback.
 """
 
-__all__ = ["LeangenError", "CheckpointError", "ConversionError", "ConfigError"]
+__all__ = ["LeangenError", "CheckpointError", "ConversionError", "ConfigError", "Interrupted"]
 
 
 class LeangenError(Exception):
@@ -22,3 +22,7 @@ class ConversionError(LeangenError):
 
 class ConfigError(LeangenError):
     """A recipe config is invalid: unknown key, wrong type, bad value."""
+
+
+class Interrupted(LeangenError):
+    """Ctrl-C during a run; the message says what was kept. Recipes exit 130."""

@@ -9,43 +9,53 @@ import functools
 import json
 import sys
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from omegaconf import DictConfig
+from tqdm import tqdm
 
-from leangen.components import ModelKeys, model_from_config, tokenizer_from_config
+from leangen.components import ModelKeys, model_from_config, set_threads, tokenizer_from_config
 from leangen.config import output_path, parse_args, run_recipe
-from leangen.errors import ConfigError
-from leangen.generation import generate_steps
+from leangen.errors import ConfigError, Interrupted
+from leangen.generation import Completions, check_fits, complete
 from leangen.load import resolve_device
 from leangen.metrics import model_bytes, peak_device_bytes, peak_host_rss_bytes, summary
+from leangen.outputs import ResultFile, write_result
 from leangen.sampling import check_sampling, sample
 from leangen.text import IncrementalDecoder, Prompt, prompts_from_config
 
 
+def _key(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class GenerateConfig(ModelKeys):
-    """The recipe's keys; README "Configuration" documents each."""
+    """The recipe's keys; README "Configuration" documents each, --help lists them."""
 
-    seed: Optional[int] = 1234
-    prompt: Optional[Any] = None
-    prompts_file: Optional[str] = None
-    batch_size: int = 8  # prompts from prompts_file decoded together
-    max_new_tokens: int = 300
-    temperature: float = 0.6
-    top_k: Optional[int] = 300
-    top_p: Optional[float] = None
-    enable_kv_cache: bool = True
-    compile: bool = False
-    output_file: Optional[str] = None
-    metrics_file: Optional[str] = None
+    RECIPE: ClassVar[str] = "generate"
+
+    seed: Optional[int] = _key(1234, "random seed for sampling (null: not seeded)")
+    prompt: Optional[Any] = _key(None, "a string (raw completion after BOS) or {system, user} (chat)")
+    prompts_file: Optional[str] = _key(None, ".txt (a prompt a line) or .jsonl ({prompt} or "
+                                             "{messages}); overrides prompt")
+    batch_size: int = _key(8, "prompts from prompts_file decoded together")
+    max_new_tokens: int = _key(300, "tokens to generate at most per prompt")
+    temperature: float = _key(0.6, "0 = greedy")
+    top_k: Optional[int] = _key(300, "sample from the k most likely tokens (null: all)")
+    top_p: Optional[float] = _key(None, "nucleus sampling mass (null: off)")
+    enable_kv_cache: bool = _key(True, "decode with a KV cache sized to need")
+    compile: bool = _key(False, "torch.compile the decode step")
+    output_file: Optional[str] = _key(None, "jsonl, a record a prompt, written as each finishes")
+    metrics_file: Optional[str] = _key(None, "JSON with the run's figures")
     # Accepted so that torchtune's own generation configs run unchanged:
-    output_dir: Optional[str] = None  # never written to
-    quantizer: Optional[Any] = None
-    log_level: Optional[str] = None
+    output_dir: Optional[str] = _key(None, "accepted from torchtune configs; never written to")
+    quantizer: Optional[Any] = _key(None, "accepted from torchtune configs; must be null")
+    log_level: Optional[str] = _key(None, "accepted from torchtune configs; ignored")
 
 
 class GenerateRecipe:
@@ -54,7 +64,7 @@ class GenerateRecipe:
         if cfg.seed is not None:
             torch.manual_seed(cfg.seed)
         self.started = time.perf_counter()
-        self.metrics: dict[str, Any] = {}
+        self.metrics: dict[str, Any] = {"threads": set_threads(cfg.threads)}
 
     def setup(self, cfg: DictConfig) -> None:
         """Everything that can fail on the user's input fails here, before decoding starts."""
@@ -64,75 +74,69 @@ class GenerateRecipe:
         start = time.perf_counter()
         self.model = model_from_config(cfg, self.device)
         self.metrics["load_seconds"] = time.perf_counter() - start
-        self._check_lengths(self.prompts, cfg.max_new_tokens)
+        check_fits(self.model, [p.tokens for p in self.prompts], cfg.max_new_tokens)
         self.decode_forward = torch.compile(self.model) if cfg.compile else None
         self.sampler = functools.partial(sample, temperature=cfg.temperature, top_k=cfg.top_k,
                                          top_p=cfg.top_p)
 
     def generate(self, cfg: DictConfig) -> list[dict]:
         # 1. the prompts, tokenized and checked in setup
-        prompts = self.prompts
-        # 2-4. prefill, decode and print, one batch at a time
+        prompts, (output_file, metrics_file) = self.prompts, self.outputs
         stream = len(prompts) == 1
-        records, decode_seconds, decode_steps, generated = [], 0.0, 0, 0
-        for i in range(0, len(prompts), cfg.batch_size):
-            batch = prompts[i:i + cfg.batch_size]
-            result = self._generate_batch(cfg, batch, stream)
-            records += result["records"]
-            decode_seconds += result["decode_seconds"]
-            decode_steps += result["decode_steps"]
-            generated += sum(len(r["tokens"]) for r in result["records"])
-        # 5. outputs and metrics
-        self._record_metrics(generated, decode_steps, decode_seconds, len(prompts))
-        _write_outputs(*self.outputs, records, self.metrics)
+        records, timing = [], {"decode_seconds": 0.0, "decode_steps": 0}
+        # 2-4. prefill, decode and print, one batch at a time; each record is saved as it is done
+        with ResultFile(output_file) if output_file else nullcontext() as out, _progress(prompts) as bar:
+            try:
+                for i in range(0, len(prompts), cfg.batch_size):
+                    batch = prompts[i:i + cfg.batch_size]
+                    finished = self._generate_batch(cfg, batch, stream, timing)
+                    for record in finished:  # saved before it is shown: what was printed is kept
+                        records.append(record)
+                        if out:
+                            out.add_line(json.dumps(record))
+                    if not stream:
+                        _print_batch(finished, batch)
+                    bar.update(len(batch))
+            except KeyboardInterrupt as e:
+                saved = f"; they are in {output_file}" if out and out.lines else ""
+                raise Interrupted(f"{len(records)} of {len(prompts)} completions were finished{saved}.") from e
+        # 5. metrics
+        self._record_metrics(sum(len(r["tokens"]) for r in records), len(prompts), **timing)
+        if metrics_file:
+            write_result(metrics_file, json.dumps(self.metrics, indent=2) + "\n")
         print(summary(self.metrics), file=sys.stderr)
         return records
 
-    def _generate_batch(self, cfg: DictConfig, batch: list[Prompt], stream: bool) -> dict:
+    def _generate_batch(self, cfg: DictConfig, batch: list[Prompt], stream: bool,
+                        timing: dict) -> list[dict]:
         decoders = [IncrementalDecoder(self.tokenizer, p.tokens) for p in batch]
-        outputs: list[list[int]] = [[] for _ in batch]
         if stream and batch[0].raw:
             print(batch[0].source, end="", flush=True)
-        steps = generate_steps(
-            self.model, [p.tokens for p in batch], max_new_tokens=cfg.max_new_tokens,
-            sampler=self.sampler,
-            stop_tokens=list(self.tokenizer.stop_tokens), use_cache=cfg.enable_kv_cache,
-            decode_forward=self.decode_forward,
-        )
-        step_count, decode_start = 0, None
-        for step in steps:
-            if decode_start is None:  # the first token closes the prefill
-                decode_start = time.perf_counter()
-                self.metrics.setdefault("first_token_seconds", decode_start - self.started)
-            step_count += 1
-            for out, token, active in zip(outputs, step.tokens.tolist(), step.active.tolist()):
-                if active:
-                    out.append(token)
+        clock: dict[str, Any] = {"steps": 0, "decode_start": None}
+
+        def on_step(completions: Completions) -> None:
+            if clock["decode_start"] is None:  # the first token closes the prefill
+                clock["decode_start"] = time.perf_counter()
+                self.metrics.setdefault("first_token_seconds", clock["decode_start"] - self.started)
+            clock["steps"] += 1
             if stream:
-                print(decoders[0].new_text(_text_ids(outputs[0], self.tokenizer)), end="", flush=True)
-        elapsed = time.perf_counter() - decode_start if decode_start else 0.0
-        records = [_record(p, out, d.text(_text_ids(out, self.tokenizer)))
-                   for p, out, d in zip(batch, outputs, decoders)]
+                print(decoders[0].new_text(completions.text_ids(0)), end="", flush=True)
+
+        done = complete(self.model, [p.tokens for p in batch], max_new_tokens=cfg.max_new_tokens,
+                        sampler=self.sampler, stop_tokens=list(self.tokenizer.stop_tokens),
+                        use_cache=cfg.enable_kv_cache, decode_forward=self.decode_forward,
+                        on_step=on_step)
+        if clock["decode_start"] is not None:
+            timing["decode_seconds"] += time.perf_counter() - clock["decode_start"]
+            timing["decode_steps"] += max(clock["steps"] - 1, 0)
+        records = [_record(p, done.tokens[i], decoders[i].text(done.text_ids(i)))
+                   for i, p in enumerate(batch)]
         if stream:
             print(flush=True)
-        else:
-            for r, p in zip(records, batch):
-                print((p.source if p.raw else "") + r["text"], end="\n\n", flush=True)
-        return {"records": records, "decode_seconds": elapsed, "decode_steps": max(step_count - 1, 0)}
+        return records
 
-    def _check_lengths(self, prompts: list[Prompt], max_new_tokens: int) -> None:
-        limit = self.model.max_seq_len
-        for number, prompt in enumerate(prompts, 1):
-            if len(prompt.tokens) + max_new_tokens > limit:
-                raise ConfigError(
-                    f"prompt {number} is {len(prompt.tokens)} tokens; with max_new_tokens="
-                    f"{max_new_tokens} it needs {len(prompt.tokens) + max_new_tokens} positions, "
-                    f"more than the model's max_seq_len of {limit}. Shorten the prompt or lower "
-                    "max_new_tokens."
-                )
-
-    def _record_metrics(self, generated: int, decode_steps: int, decode_seconds: float,
-                        sequences: int) -> None:
+    def _record_metrics(self, generated: int, sequences: int, decode_steps: int,
+                        decode_seconds: float) -> None:
         """Decode figures exclude the first token of each sequence, which prefill made."""
         nbytes = model_bytes(self.model)
         rate = decode_seconds > 0 and decode_steps > 0
@@ -145,6 +149,22 @@ class GenerateRecipe:
             peak_host_rss_bytes=peak_host_rss_bytes(),
             peak_device_bytes=peak_device_bytes(self.device),
         )
+
+
+def _print_batch(records: list[dict], batch: list[Prompt]) -> None:
+    """Each completion (after its prompt, for raw prompts) and a blank line; tqdm.write
+    keeps a progress bar on a terminal's stderr intact."""
+    for record, prompt in zip(records, batch):
+        tqdm.write((prompt.source if prompt.raw else "") + record["text"] + "\n", file=sys.stdout)
+    sys.stdout.flush()
+
+
+def _progress(prompts: list[Prompt]) -> tqdm:
+    """done/total on stderr, for a prompts file and only on a terminal: a log or a pipe
+    must hold only the summary."""
+    shown = len(prompts) > 1 and sys.stderr.isatty()
+    return tqdm(total=len(prompts), desc="prompts", unit="prompt", file=sys.stderr,
+                disable=not shown, leave=False)
 
 
 def _reject_bad_options(cfg: DictConfig) -> tuple[Optional[Path], Optional[Path]]:
@@ -162,23 +182,8 @@ def _reject_bad_options(cfg: DictConfig) -> tuple[Optional[Path], Optional[Path]
     return output_path("output_file", cfg.output_file), output_path("metrics_file", cfg.metrics_file)
 
 
-def _text_ids(generated: list[int], tokenizer) -> list[int]:
-    """Generated ids without a final stop token, which has no text."""
-    if generated and generated[-1] in tokenizer.stop_tokens:
-        return generated[:-1]
-    return generated
-
-
 def _record(prompt: Prompt, tokens: list[int], text: str) -> dict:
     return {"prompt": prompt.source, "prompt_tokens": prompt.tokens, "tokens": tokens, "text": text}
-
-
-def _write_outputs(output_file: Optional[Path], metrics_file: Optional[Path], records: list[dict],
-                   metrics: dict) -> None:
-    if output_file:
-        output_file.write_text("".join(json.dumps(record) + "\n" for record in records))
-    if metrics_file:
-        metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 @run_recipe

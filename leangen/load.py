@@ -58,6 +58,14 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
     return model.eval().requires_grad_(False)
 
 
+# Device types leangen runs on, each with how to tell that this machine has one.
+DEVICE_AVAILABLE: dict[str, Callable[[], bool]] = {
+    "cpu": lambda: True,
+    "cuda": lambda: torch.cuda.is_available(),
+    "mps": lambda: torch.backends.mps.is_available(),
+}
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -65,10 +73,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
         device = torch.device(device)
     except RuntimeError as e:
         raise ConfigError(f"device '{device}' is not a torch device ({e}). Use auto, cpu or cuda.") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
+    available = DEVICE_AVAILABLE.get(device.type)
+    if available is None:
+        raise ConfigError(f"device '{device}': leangen runs on {', '.join(DEVICE_AVAILABLE)}; "
+                          "use one of those (or auto).")
+    if not available():
         raise LeangenError(
-            f"device '{device}' was asked for, but this torch ({torch.__version__}) sees no CUDA "
-            "GPU. Use device: cpu (or auto)."
+            f"device '{device}' was asked for, but this torch ({torch.__version__}) sees no "
+            f"{device.type.upper()} device. Use device: cpu (or auto)."
         )
     return device
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import resource
 from typing import Any
 
@@ -30,15 +31,25 @@ def peak_device_bytes(device: torch.device) -> int | None:
 
 
 def summary(metrics: dict[str, Any]) -> str:
-    """One human line for stderr; figures a recipe does not record are left out."""
+    """One human line for stderr; figures a recipe does not record are left out.
+
+    Decimal units throughout (GB = 1e9 bytes, as in GB/s); three significant digits, so
+    a tiny model's bandwidth does not print as 0.0."""
     device = metrics.get("peak_device_bytes")
     parts = [
         f"load {metrics['load_seconds']:.2f} s",
         f"first token {metrics['first_token_seconds']:.2f} s" if "first_token_seconds" in metrics else None,
         f"{metrics['tokens_per_second']:.1f} tok/s" if metrics.get("tokens_per_second") else None,
-        f"{metrics['bandwidth_gb_per_s']:.1f} GB/s" if metrics.get("bandwidth_gb_per_s") else None,
-        f"peak host RSS {metrics['peak_host_rss_bytes'] / 2**30:.2f} GiB"
+        f"{_figure(metrics['bandwidth_gb_per_s'])} GB/s" if metrics.get("bandwidth_gb_per_s") else None,
+        f"peak host RSS {_figure(metrics['peak_host_rss_bytes'] / 1e9)} GB"
         if metrics.get("peak_host_rss_bytes") else None,
-        f"peak device {device / 2**30:.2f} GiB" if device is not None else None,
+        f"peak device {_figure(device / 1e9)} GB" if device is not None else None,
     ]
     return " | ".join(p for p in parts if p)
+
+
+def _figure(value: float) -> str:
+    """Three significant digits, never in exponent form: 1235, 37.5, 0.483, 0.00412."""
+    if value == 0:
+        return "0"
+    return f"{value:.{max(0, 2 - math.floor(math.log10(abs(value))))}f}"

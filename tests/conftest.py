@@ -44,3 +44,27 @@ def directory_digest(path: Path) -> dict[str, str]:
 @pytest.fixture
 def digest():
     return directory_digest
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder no file can be created in: a read-only bind mount where this process
+    may mount (root in a container), else a folder without write permission."""
+    import os
+    import subprocess
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(
+        f"mount --bind '{folder}' '{folder}' && mount -o remount,ro,bind '{folder}'",
+        shell=True, capture_output=True).returncode == 0
+    if not mounted:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(folder)], capture_output=True)
+            pytest.skip("root without mount rights: no folder here is read-only to this process")
+        folder.chmod(0o555)
+    yield folder
+    if mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+    else:
+        folder.chmod(0o755)

@@ -1,0 +1,167 @@
+"""What a new user meets around the recipes: --help, listing and copying configs, one-line
+errors that name the key, read-only outputs, Ctrl-C, threads, and a quiet stderr."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from leangen.config import packaged_config_names, resolve_config_path
+from leangen.eval import EvalConfig
+from leangen.eval import main as eval_main
+from leangen.generate import GenerateConfig, main
+
+GENERATE = [sys.executable, "-m", "leangen.generate"]
+
+
+def run(capsys, *argv, recipe=main):
+    code = recipe(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _quiet_env(**extra):
+    """The user's environment: no PYTHONWARNINGS filter that would hide what they see."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    return {**env, **extra}
+
+
+# -- help and discovery -----------------------------------------------------------
+
+@pytest.mark.parametrize("recipe, schema", [(main, GenerateConfig), (eval_main, EvalConfig)])
+def test_help_lists_every_key_with_its_default_and_the_packaged_configs(capsys, recipe, schema):
+    import dataclasses
+
+    with pytest.raises(SystemExit) as exit_:
+        recipe(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    keys = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and line.split()]
+    assert {f.name for f in dataclasses.fields(schema)} <= set(keys)
+    assert "  max_new_tokens           300      tokens to generate" in out or schema is EvalConfig
+    assert ("demo" if schema is GenerateConfig else "eval_demo") in keys
+
+
+def test_list_configs_shows_this_recipes_configs_only(capsys):
+    with pytest.raises(SystemExit):
+        main(["--list-configs"])
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == [n for n in packaged_config_names() if not n.startswith("eval_")]
+
+
+def test_copy_config_copies_and_never_overwrites(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--copy-config", "mistral7b", str(tmp_path)])
+    copied = tmp_path / "mistral7b.yaml"
+    assert copied.read_text() == resolve_config_path("mistral7b").read_text()
+    capsys.readouterr()
+    code, _, err = run(capsys, "--copy-config", "demo", str(copied))
+    assert code == 1 and err == f"error: --copy-config: '{copied}' already exists; choose another destination.\n"
+    assert copied.read_text() == resolve_config_path("mistral7b").read_text()
+
+
+def test_tune_run_passes_help_through(tmp_path):
+    result = subprocess.run(["tune", "run", "leangen/generate", "--config", "demo", "--help"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "max_new_tokens" in result.stdout and "mistral7b" in result.stdout
+
+
+# -- one-line errors --------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["max_new_token=3"], "unknown key 'max_new_token'. Did you mean 'max_new_tokens'? "
+                          "(--help lists every key.)"),
+    (["max_new_tokens=abc"], "'max_new_tokens' has a value of the wrong type: Value 'abc' of type "
+                             "'str' could not be converted to Integer."),
+    (["device=mps"], "device 'mps' was asked for, but this torch"),
+    (["device=xla"], "leangen runs on cpu, cuda, mps"),
+    (["threads=0"], "threads=0: give at least 1"),
+])
+def test_config_mistakes_name_the_key(capsys, argv, message):
+    code, _, err = run(capsys, "--config", "demo", *argv)
+    assert code == 1 and message in err
+    assert err.count("\n") == 1 and "?." not in err and "invalid key" not in err
+
+
+def test_nested_typo_suggests_the_nested_key(capsys):
+    code, _, err = run(capsys, "--config", "eval_demo", "perplexity.strid=4", recipe=eval_main)
+    assert code == 1 and "unknown key 'perplexity.strid'. Did you mean 'perplexity.stride'?" in err
+
+
+def test_packaged_config_without_its_download_blames_checkpoint_path(capsys):
+    code, _, err = run(capsys, "--config", "mistral7b")
+    assert code == 1
+    assert err.startswith("error: checkpoint.path: '/models/Mistral-7B-v0.1' does not exist")
+
+
+@pytest.mark.parametrize("key", ["output_file", "metrics_file"])
+def test_read_only_output_fails_before_the_model_loads(capsys, read_only_dir, key):
+    # a missing checkpoint would fail at load time: the output error must come first
+    code, out, err = run(capsys, "--config", "demo", f"{key}={read_only_dir / 'out.jsonl'}",
+                         "checkpoint.path=/no/such/dir")
+    assert code == 1 and out == ""
+    assert err.startswith(f"error: {key}: cannot write to the folder of") and err.count("\n") == 1
+    assert not any(read_only_dir.iterdir())
+
+
+# -- Ctrl-C -----------------------------------------------------------------------
+
+def test_ctrl_c_exits_130_with_one_line_and_keeps_the_finished_completions(tmp_path):
+    prompts = [f"{word} one two" for word in ("three", "seven", "eleven", "twenty")] * 100
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.Popen(
+        [*GENERATE, "--config", "demo", "prompts_file=prompts.txt", "batch_size=1",
+         "max_new_tokens=100", f"output_file={out}"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_quiet_env())
+    try:
+        printed, deadline = 0, time.monotonic() + 240
+        while printed < 3 and time.monotonic() < deadline:  # completions end with a blank line
+            line = proc.stdout.readline()
+            if not line:
+                break
+            printed += line == "\n"
+        assert printed == 3, proc.stderr.read()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    saved = [json.loads(line) for line in out.read_text().splitlines()]
+    assert proc.returncode == 130
+    assert err == (f"interrupted: {len(saved)} of {len(prompts)} completions were finished; "
+                   f"they are in {out}.\n")
+    assert 3 <= len(saved) < len(prompts)
+    assert [r["prompt"] for r in saved] == prompts[:len(saved)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "prompts.txt"]  # no .part left
+
+
+# -- threads and stderr -----------------------------------------------------------
+
+def test_threads_key_sets_torch_threads(capsys, tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        code, _, _ = run(capsys, "--config", "demo", "threads=2", "max_new_tokens=2",
+                         f"metrics_file={tmp_path / 'm.json'}")
+    finally:
+        torch.set_num_threads(before)
+    assert code == 0 and json.loads((tmp_path / "m.json").read_text())["threads"] == 2
+
+
+def test_omp_num_threads_is_honoured_and_a_bf16_run_prints_only_the_summary(tmp_path):
+    """bf16 on CPU makes torchtune's RMSNorm warn; torchao warns at import: neither may
+    reach a recipe's stderr, which holds the one summary line."""
+    result = subprocess.run([*GENERATE, "--config", "demo", "dtype=bf16", "max_new_tokens=8",
+                             "metrics_file=m.json"], cwd=tmp_path, capture_output=True, text=True,
+                            env=_quiet_env(OMP_NUM_THREADS="1"), timeout=300)
+    assert result.returncode == 0, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith("load ") and " GB" in line and "GiB" not in line
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["threads"] == 1 and metrics["generated_tokens"] == 8
