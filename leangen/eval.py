@@ -13,7 +13,7 @@ Results go to stdout and to ``output_file`` as JSON::
 
     {"perplexity": {"<file>": {"ppl", "nll", "tokens"}, ..., "all": {...}} | null,
      "lm_eval": {"results": {...}, "versions": ..., "n-shot": ..., ...} | null,
-     "metrics": {"load_seconds", "tokens_per_second"}}
+     "metrics": {"load_seconds", "tokens_per_second", "peak_host_rss_bytes"}}
 """
 
 # No `from __future__ import annotations`: `tune run` executes this module as
@@ -33,7 +33,7 @@ from leangen.components import ModelKeys, model_from_config, tokenizer_from_conf
 from leangen.config import output_path, parse_args, run_recipe
 from leangen.errors import ConfigError
 from leangen.load import resolve_device
-from leangen.metrics import summary
+from leangen.metrics import peak_host_rss_bytes, summary
 from leangen.perplexity import Score, Throughput, perplexity
 
 INSTALL_HINT = "pip install 'leangen[eval]'"
@@ -135,8 +135,10 @@ class EvalRecipe:
         return {key: out[key] for key in keys if key in out}
 
     def _record_metrics(self) -> None:
-        """Tokens the model read (padding excluded) per second of model time, all parts together."""
+        """Tokens the model read (padding excluded) per second of model time, all parts
+        together; and the process's peak RSS, as generate records it."""
         self.metrics["tokens_per_second"] = self.throughput.tokens_per_second
+        self.metrics["peak_host_rss_bytes"] = peak_host_rss_bytes()
 
 
 def _reject_bad_options(cfg: DictConfig) -> None:

@@ -59,7 +59,7 @@ def test_demo_results_have_the_promised_shape(demo_results):
         assert set(report) == {"ppl", "nll", "tokens"}
     assert demo_results["perplexity"]["all"]["tokens"] == 171  # BOS + 171 tokens, first unscored
     assert 1 <= demo_results["perplexity"]["all"]["ppl"] < 1.5  # the model counts well
-    assert set(demo_results["metrics"]) == {"load_seconds", "tokens_per_second"}
+    assert set(demo_results["metrics"]) == {"load_seconds", "tokens_per_second", "peak_host_rss_bytes"}
     assert demo_results["metrics"]["tokens_per_second"] > 0
     assert demo_results["lm_eval"]["results"]["counting_mc"]["acc,none"] > 0.9
 
@@ -109,6 +109,11 @@ def test_local_task_loglikelihoods_equal_lm_eval_hf_backend():
         assert got == pytest.approx(want, rel=1e-4, abs=1e-5), doc_id
 
 
+def test_demo_records_peak_host_rss(demo_results):
+    # at least the torch, torchtune and lm-eval imports; far below this machine's RAM
+    assert 50 * 2**20 < demo_results["metrics"]["peak_host_rss_bytes"] < 16 * 2**30
+
+
 @pytest.mark.parametrize("chat", [False, True])
 def test_recipe_equals_simple_evaluate_with_few_shot(tmp_path, capsys, chat):
     """The recipe calls lm-eval's `evaluate` itself, with simple_evaluate's seeds and
@@ -146,7 +151,8 @@ def test_outside_git_no_stray_git_output(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "fatal:" not in proc.stderr
-    assert json.loads((tmp_path / "r.json").read_text())["lm_eval"]["results"]["counting_mc"]
+    assert "peak host RSS" in proc.stderr.strip().splitlines()[-1]  # the summary line
+    assert json.loads((tmp_path / "r.json").read_text())["metrics"]["peak_host_rss_bytes"] > 0
 
 
 def test_chat_template_runs(tmp_path, capsys):
