@@ -7,7 +7,7 @@ Two kinds of evaluation, either or both in one run:
 
 - ``perplexity``: sliding-window perplexity of local text files (leangen.perplexity);
 - ``lm_eval``: lm-evaluation-harness tasks, built-in or local through ``include_path``,
-  scored by ``leangen.lm_eval_adapter.LeangenLM`` (needs ``pip install 'leangen[eval]'``).
+  scored by ``leangen.lm_eval_adapter.LeangenLM`` (needs lm-eval: see ``INSTALL_HINT``).
 
 Results go to stdout and to ``output_file`` as JSON::
 
@@ -36,7 +36,11 @@ from leangen.load import resolve_device
 from leangen.metrics import peak_host_rss_bytes, summary
 from leangen.perplexity import Score, Throughput, perplexity
 
-INSTALL_HINT = "pip install 'leangen[eval]'"
+# The `eval` extra of pyproject.toml, spelled as a plain requirement: leangen is not on
+# PyPI, so `pip install 'leangen[eval]'` finds no leangen. A test keeps the two in step.
+LM_EVAL_REQUIREMENT = "lm-eval==0.4.13"
+INSTALL_HINT = (f"pip install {LM_EVAL_REQUIREMENT} (or, in a clone of leangen, "
+                "pip install -e '.[eval]', which does the same)")
 
 
 @dataclass
@@ -319,7 +323,7 @@ def _import_lm_eval():
     except ImportError as e:
         raise ConfigError(
             f"lm_eval: this config runs lm-evaluation-harness tasks, which need lm-eval ({e}). "
-            f"Install it with: {INSTALL_HINT}"
+            f"Install it with: {INSTALL_HINT}."
         ) from e
     return TaskManager
 

@@ -259,9 +259,22 @@ def test_local_task_with_missing_data_gives_a_one_line_error(tmp_path, capsys):
                           f"{tmp_path}/missing.jsonl")
 
 
+def test_install_hint_pins_the_eval_extra():
+    """The error's `pip install lm-eval==...` is pyproject.toml's `eval` extra."""
+    import tomllib
+
+    from leangen.eval import LM_EVAL_REQUIREMENT
+
+    pyproject = resolve_config_path("eval_demo").parents[2] / "pyproject.toml"
+    if not pyproject.exists():
+        pytest.skip("installed without the repository's pyproject.toml")
+    extras = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
+    assert extras["eval"] == [LM_EVAL_REQUIREMENT]
+
+
 def test_without_lm_eval_the_error_says_how_to_install(tmp_path, capsys, monkeypatch):
     for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")]:
         monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules: import fails
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     code, _, err = run(capsys, f"output_file={tmp_path}/r.json")
-    assert_one_line_error(code, err, "pip install 'leangen[eval]'")
+    assert_one_line_error(code, err, "pip install lm-eval==0.4.13", "pip install -e '.[eval]'")
