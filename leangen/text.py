@@ -29,6 +29,10 @@ def prompts_from_config(cfg: DictConfig, tokenizer) -> list[Prompt]:
         raise ConfigError("set 'prompt' (a string or {system, user}) or 'prompts_file'.")
     prompt = OmegaConf.to_container(cfg.prompt) if OmegaConf.is_config(cfg.prompt) else cfg.prompt
     if isinstance(prompt, dict):
+        unknown = sorted(set(prompt) - {"system", "user"})
+        if unknown:
+            raise ConfigError(f"prompt.{unknown[0]}: a chat prompt has only 'system' and 'user'; "
+                              "for several turns use prompts_file with 'messages'.")
         if not prompt.get("user"):
             raise ConfigError("prompt.user is empty: give the user's message.")
         prompt = [{"role": r, "content": str(prompt[r])} for r in ("system", "user") if prompt.get(r)]

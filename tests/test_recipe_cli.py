@@ -81,6 +81,7 @@ def test_tune_run_passes_help_through(tmp_path):
     (["device=mps"], "device 'mps' was asked for, but this torch"),
     (["device=xla"], "leangen runs on cpu, cuda, mps"),
     (["threads=0"], "threads=0: give at least 1"),
+    (["prompt={usr: hi}"], "prompt.usr: a chat prompt has only 'system' and 'user'"),
 ])
 def test_config_mistakes_name_the_key(capsys, argv, message):
     code, _, err = run(capsys, "--config", "demo", *argv)
