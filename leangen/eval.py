@@ -25,7 +25,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, ClassVar, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -63,6 +63,8 @@ class LmEvalConfig:
 @dataclass
 class EvalConfig(ModelKeys):
     """The recipe's keys; README "Evaluate" documents each."""
+
+    RECIPE: ClassVar[str] = "eval"  # --help and --list-configs show this recipe's configs
 
     max_seq_len: int = 2048  # tokens per window / request, at most the model's own
     batch_size: int = 8
