@@ -170,8 +170,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="before each run, wait up to this many seconds for other processes to "
                         "leave the CPUs idle (0: do not wait)")
     p.add_argument("--retries", type=int, default=2,
+                   # argparse %-formats help strings, so a literal percent sign is %%.
                    help="repeat a run this many times at most while other processes used over "
-                        f"{IDLE_SHARE:.0%} of the CPUs during it")
+                        f"{100 * IDLE_SHARE:.0f}%% of the CPUs during it")
     p.add_argument("--render-only", action="store_true",
                    help="only rewrite the markdown from the existing JSON beside --out")
     p.add_argument("--memory-cap-gb", type=float, default=None,

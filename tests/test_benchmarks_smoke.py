@@ -75,3 +75,12 @@ def test_small_preset_runs_leangen(tmp_path, cache_dir, hogs):
     assert final["generated_tokens"] >= 1
     assert results["summary"]["leangen"]["ok"] == results["summary"]["leangen"]["runs"] == 1
 
+
+
+def test_runner_help():
+    """argparse %-formats help strings; a bare percent sign once made --help crash."""
+    proc = subprocess.run([*RUNNER, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage:")
+    text = " ".join(proc.stdout.split())  # argparse wraps to the terminal's width
+    assert "% of the CPUs" in text and "%%" not in text
