@@ -1,11 +1,17 @@
 """Benchmark leangen against torchtune's generate recipe and transformers.
 
     python benchmarks/run.py --preset llama3_2_1b --reps 3
-    python benchmarks/run.py --preset small --reps 1 --systems leangen --out /tmp/R.md
+    python benchmarks/run.py --preset small --reps 1 --systems leangen --results-dir /tmp/bench
+    python benchmarks/run.py --preset llama3_2_1b --reps 3 --update-tracked
 
 Writes a random-weight HF checkpoint of the preset's shape (cached under
 ``benchmarks/.cache/``), measures the machine's limits, then runs every system in
-a fresh process, interleaved A B C A B C, and writes RESULTS.md and results.json.
+a fresh process, interleaved A B C A B C, and writes RESULTS.md and results.json
+(RESULTS_<preset>.md and results_<preset>.json for the other presets).
+
+They go to ``benchmarks/.results/`` (git-ignored) or ``--results-dir``. The
+tracked copies in ``benchmarks/``, which the README links, are rewritten only
+with ``--update-tracked``: a trial run must not replace measured results.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ from benchmarks.systems import REPO_ROOT, SYSTEMS, System  # noqa: E402
 from benchmarks.workload import Workload, tokenize_prompt  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
+# Untracked (.gitignore), so that an ordinary run leaves the published results alone.
+DEFAULT_RESULTS_DIR = BENCH_DIR / ".results"
 HEADLINE_PRESET = "llama3_2_1b"
 # What each figure spans, for the results file: per system, then how memory and
 # the CPU share of other processes are measured.
@@ -123,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
 def render_only(args) -> int:
     """Rewrite the markdown from the JSON beside it: the figures stay as measured,
     the explanatory text and links are refreshed."""
+    if not json_path(args.out).is_file():
+        hint = "" if args.update_tracked else " (the tracked copy in benchmarks/ needs --update-tracked)"
+        _progress(f"--render-only: no {json_path(args.out)}{hint}")
+        return 1
     document = json.loads(json_path(args.out).read_text())
     document.update(boundaries=BOUNDARIES, see_also=see_also(args))
     if "configs" not in document:  # written before configs were recorded; still on disk
@@ -162,9 +174,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                    help=f"comma-separated, from: {', '.join(SYSTEMS)}")
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--out", type=Path, default=None,
-                   help="markdown output; results JSON goes beside it (default: benchmarks/"
-                        "RESULTS.md for the headline llama3_2_1b preset, RESULTS_<preset>.md otherwise)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--results-dir", type=Path, default=None, metavar="DIR",
+                       help="folder for RESULTS.md (headline llama3_2_1b preset) or "
+                            "RESULTS_<preset>.md, with the results JSON beside it "
+                            "(default: benchmarks/.results/, git-ignored)")
+    where.add_argument("--update-tracked", action="store_true",
+                       help="write the tracked results in benchmarks/ that the README links")
+    where.add_argument("--out", type=Path, default=None, metavar="PATH.md",
+                       help="exact markdown path instead; the results JSON goes beside it")
     p.add_argument("--cache-dir", type=Path, default=BENCH_DIR / ".cache")
     p.add_argument("--idle-wait", type=float, default=300,
                    help="before each run, wait up to this many seconds for other processes to "
@@ -174,7 +192,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="repeat a run this many times at most while other processes used over "
                         f"{100 * IDLE_SHARE:.0f}%% of the CPUs during it")
     p.add_argument("--render-only", action="store_true",
-                   help="only rewrite the markdown from the existing JSON beside --out")
+                   help="only rewrite the markdown from the existing results JSON in the "
+                        "chosen location")
     p.add_argument("--memory-cap-gb", type=float, default=None,
                    help="run every system under this hard cap (default: only for presets "
                         "expected to exceed RAM, at total RAM minus 4 GiB)")
@@ -184,11 +203,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--systems: unknown {unknown}; choose from {', '.join(SYSTEMS)}")
     if args.reps < 1 or args.new_tokens < 2:
         p.error("--reps must be >= 1 and --new-tokens >= 2 (decode rate needs two tokens)")
-    if args.out is None:
-        headline = args.preset == HEADLINE_PRESET
-        args.out = BENCH_DIR / ("RESULTS.md" if headline else f"RESULTS_{args.preset}.md")
-    args.out, args.cache_dir = args.out.resolve(), args.cache_dir.resolve()
+    args.out, args.cache_dir = results_path(args).resolve(), args.cache_dir.resolve()
+    if args.out.parent == BENCH_DIR and not args.update_tracked:
+        p.error(f"{args.out} is beside the tracked results; pass --update-tracked to write there")
     return args
+
+
+def results_path(args: argparse.Namespace) -> Path:
+    """The markdown to write: --out as given, else the preset's usual name in the chosen folder."""
+    if args.out is not None:
+        return args.out
+    folder = BENCH_DIR if args.update_tracked else args.results_dir or DEFAULT_RESULTS_DIR
+    headline = args.preset == HEADLINE_PRESET
+    return folder / ("RESULTS.md" if headline else f"RESULTS_{args.preset}.md")
 
 
 def plan_cap(preset, args, notes: list[str]) -> int | None:

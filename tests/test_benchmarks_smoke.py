@@ -7,6 +7,7 @@ makes depends on how busy the machine is, and the test must pass either way.
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import subprocess
@@ -53,19 +54,29 @@ def cpu_hogs(count: int):
             hog.wait()
 
 
+def tracked_results() -> dict[str, str]:
+    """sha256 of the published results in benchmarks/, which a test run must not touch."""
+    files = sorted(BENCH_DIR.glob("RESULTS*.md")) + sorted(BENCH_DIR.glob("results*.json"))
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
 # Enough hogs to fill a small machine's cores, so the runner sees a busy machine (the
 # case of issue 8); capped so that a big CI machine is not flooded.
 @pytest.mark.parametrize("hogs", [0, min(os.cpu_count() or 2, 4)], ids=["quiet", "cpu-hog"])
 def test_small_preset_runs_leangen(tmp_path, cache_dir, hogs):
+    results_dir = tmp_path / "results"
+    before = tracked_results()
     with cpu_hogs(hogs):
         proc = subprocess.run(
-            [*RUNNER, *SMOKE_ARGS, "--out", str(tmp_path / "RESULTS.md"), "--cache-dir", str(cache_dir)],
+            [*RUNNER, *SMOKE_ARGS, "--results-dir", str(results_dir), "--cache-dir", str(cache_dir)],
             cwd=REPO, env=SMOKE_ENV, capture_output=True, text=True, timeout=600,
         )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "| leangen |" in (tmp_path / "RESULTS.md").read_text()
+    assert tracked_results() == before
+    assert sorted(p.name for p in results_dir.iterdir()) == ["RESULTS_small.md", "results_small.json"]
+    assert "| leangen |" in (results_dir / "RESULTS_small.md").read_text()
 
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = json.loads((results_dir / "results_small.json").read_text())
     # Repetition 1 ends in exactly one kept attempt; any before it were repeated
     # because others used the CPUs, and are marked so.
     *repeated, final = results["runs"]
@@ -75,6 +86,13 @@ def test_small_preset_runs_leangen(tmp_path, cache_dir, hogs):
     assert final["generated_tokens"] >= 1
     assert results["summary"]["leangen"]["ok"] == results["summary"]["leangen"]["runs"] == 1
 
+    # --render-only finds the JSON in the same --results-dir and rewrites only there.
+    (results_dir / "RESULTS_small.md").unlink()
+    rendered = subprocess.run([*RUNNER, "--preset", "small", "--results-dir", str(results_dir),
+                               "--render-only"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert rendered.returncode == 0, rendered.stderr[-2000:]
+    assert "| leangen |" in (results_dir / "RESULTS_small.md").read_text()
+    assert tracked_results() == before
 
 
 def test_runner_help():
@@ -84,3 +102,13 @@ def test_runner_help():
     assert proc.stdout.startswith("usage:")
     text = " ".join(proc.stdout.split())  # argparse wraps to the terminal's width
     assert "% of the CPUs" in text and "%%" not in text
+
+
+def test_runner_writes_tracked_results_only_when_asked():
+    """A results folder of benchmarks/ itself is refused without --update-tracked."""
+    before = tracked_results()
+    proc = subprocess.run([*RUNNER, "--preset", "small", "--results-dir", str(BENCH_DIR)],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "--update-tracked" in proc.stderr.strip().splitlines()[-1]
+    assert tracked_results() == before
