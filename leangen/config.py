@@ -86,9 +86,20 @@ def parse_args(argv: Sequence[str], schema: type) -> DictConfig:
         if not isinstance(yaml, dict):
             raise ValueError("the top level must be a mapping of keys to values")
         merged = _merge_yaml_and_cli_args(argparse.Namespace(**yaml), overrides)
+    # TypeError is OmegaConf's "Cannot merge incompatible container types" (a dict over a list)
+    except TypeError as e:
+        raise ConfigError(f"{path}: {_one_line(e)}: an override gives a mapping where the config "
+                          "has a list, or the reverse. Check the key=value overrides.") from e
     except (ValueError, OmegaConfBaseException, YAMLError) as e:
         raise ConfigError(f"{path}: {_one_line(e)}") from e
     return validate(merged, schema, source=str(path))
+
+
+def config_key(default: Any, help: str) -> Any:
+    """A recipe config key with the meaning ``--help`` shows."""
+    if isinstance(default, (list, dict)):  # a mutable default needs a fresh copy per config
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 def _cli_parser(schema: type) -> argparse.ArgumentParser:
@@ -103,11 +114,15 @@ def _cli_parser(schema: type) -> argparse.ArgumentParser:
 
 def _answer_and_exit(args: argparse.Namespace, schema: type) -> None:
     if args.copy_config:
-        print(f"copied to {copy_config(*args.copy_config)}")
+        answer = f"copied to {copy_config(*args.copy_config)}"
     elif args.list_configs:
-        print(list_configs(recipe_name(schema)))
+        answer = list_configs(recipe_name(schema))
     else:
-        print(help_text(schema))
+        answer = help_text(schema)
+    try:
+        print(answer, flush=True)
+    except BrokenPipeError:  # `--help | head` closed the pipe: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     raise SystemExit(0)
 
 
@@ -170,7 +185,7 @@ def _key_lines(schema: type, prefix: str = "") -> list[str]:
         nested = _dataclass_of(f.type)
         default = f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
         shown = "???" if default is MISSING else json.dumps(default, default=str)
-        lines.append(f"  {prefix + f.name:<24} {shown:<8} {f.metadata.get('help', '')}".rstrip())
+        lines.append(f"  {prefix + f.name:<28} {shown:<14} {f.metadata.get('help', '')}".rstrip())
         if nested:
             lines += _key_lines(nested, prefix + f.name + ".")
     return lines
@@ -184,17 +199,34 @@ def _dataclass_of(annotation: Any) -> type | None:
 
 def validate(cfg: DictConfig, schema: type, *, source: str = "config") -> DictConfig:
     """Unknown keys and wrong types fail with the key's name; defaults fill the rest."""
+    _lists_from_scalars(cfg, schema)
     try:
         typed = OmegaConf.merge(OmegaConf.structured(schema), cfg)
     except ConfigKeyError as e:
         raise ConfigError(f"{source}: {_unknown_key(e.full_key, schema)}") from e
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{source}: '{e.full_key}' has a value of the wrong type: {_one_line(e)}. "
+    except (OmegaConfBaseException, TypeError) as e:
+        key = getattr(e, "full_key", None) or "a key"
+        raise ConfigError(f"{source}: '{key}' has a value of the wrong type: {_one_line(e).rstrip('.')}. "
                           f"--help shows each key's type and default.") from e
     missing = sorted(OmegaConf.missing_keys(typed))
     if missing:
         raise ConfigError(f"{source}: required key '{missing[0]}' is not set.")
     return typed
+
+
+def _lists_from_scalars(cfg: DictConfig, schema: type) -> None:
+    """One value where the schema wants a list is a list of one: ``lm_eval.tasks=arc_easy``."""
+    for f in fields(schema):
+        value = cfg.get(f.name) if isinstance(cfg, DictConfig) and f.name in cfg else None
+        if _is_list_type(f.type) and isinstance(value, (str, int, float)):
+            cfg[f.name] = [value]
+        nested = _dataclass_of(f.type)
+        if nested and OmegaConf.is_dict(value):
+            _lists_from_scalars(value, nested)
+
+
+def _is_list_type(annotation: Any) -> bool:
+    return any(typing.get_origin(a) is list for a in (annotation, *typing.get_args(annotation)))
 
 
 def _unknown_key(full_key: str, schema: type) -> str:

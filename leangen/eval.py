@@ -23,14 +23,14 @@ import json
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from leangen.components import ModelKeys, model_from_config, tokenizer_from_config
-from leangen.config import output_path, parse_args, run_recipe
+from leangen.components import ModelKeys, model_from_config, set_threads, tokenizer_from_config
+from leangen.config import config_key, output_path, parse_args, run_recipe
 from leangen.errors import ConfigError
 from leangen.load import resolve_device
 from leangen.metrics import peak_host_rss_bytes, summary
@@ -47,37 +47,38 @@ INSTALL_HINT = (f"pip install {LM_EVAL_REQUIREMENT} (or, in a clone of leangen, 
 class PerplexityConfig:
     # Any, not List[str]: OmegaConf refuses `perplexity.files=/x.txt` for a list field,
     # and one path is a fine answer. _text_files turns it into a list of paths.
-    files: Any = field(default_factory=list)
-    stride: Optional[int] = None  # null: max_seq_len (non-overlapping windows)
+    files: Any = config_key([], "text files (one path, or a list); not folders")
+    stride: Optional[int] = config_key(None, "tokens between windows (null: max_seq_len, disjoint)")
 
 
 @dataclass
 class LmEvalConfig:
-    tasks: List[str] = field(default_factory=list)  # names or globs
-    include_path: Optional[str] = None  # a folder of local task YAMLs
-    num_fewshot: Optional[int] = None  # null: each task's own default
-    limit: Optional[float] = None  # documents per task: a count, or a fraction below 1
-    apply_chat_template: bool = False
+    tasks: List[str] = config_key([], "task, group or tag names; globs work")
+    include_path: Optional[str] = config_key(None, "a folder of your own task YAMLs")
+    num_fewshot: Optional[int] = config_key(None, "null: each task's own default")
+    limit: Optional[float] = config_key(None, "documents per task: a count, or a fraction below 1")
+    apply_chat_template: bool = config_key(False, "format prompts with the tokenizer's chat template")
 
 
 @dataclass
 class EvalConfig(ModelKeys):
-    """The recipe's keys; README "Evaluate" documents each."""
+    """The recipe's keys; README "Evaluate" documents each, --help lists them."""
 
     RECIPE: ClassVar[str] = "eval"  # --help and --list-configs show this recipe's configs
 
-    max_seq_len: int = 2048  # tokens per window / request, at most the model's own
-    batch_size: int = 8
-    perplexity: Optional[PerplexityConfig] = None
-    lm_eval: Optional[LmEvalConfig] = None
-    output_file: Optional[str] = "results.json"
+    max_seq_len: int = config_key(2048, "tokens per window or request, at most the model's own")
+    batch_size: int = config_key(8, "windows or requests scored together")
+    perplexity: Optional[PerplexityConfig] = config_key(None, "{files, stride} or null")
+    lm_eval: Optional[LmEvalConfig] = config_key(None, "{tasks, include_path, num_fewshot, limit, "
+                                                       "apply_chat_template} or null")
+    output_file: Optional[str] = config_key("results.json", "JSON with every result (null: print only)")
 
 
 class EvalRecipe:
     def __init__(self, cfg: DictConfig):
         self.device = resolve_device(cfg.device)
         self.throughput = Throughput()
-        self.metrics: dict[str, Any] = {}
+        self.metrics: dict[str, Any] = {"threads": set_threads(cfg.threads)}
 
     def setup(self, cfg: DictConfig) -> None:
         """Everything that can fail on the user's input fails here, before any scoring starts."""

@@ -10,7 +10,7 @@ import json
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from leangen.components import ModelKeys, model_from_config, set_threads, tokenizer_from_config
-from leangen.config import output_path, parse_args, run_recipe
+from leangen.config import config_key, output_path, parse_args, run_recipe
 from leangen.errors import ConfigError, Interrupted
 from leangen.generation import Completions, check_fits, complete
 from leangen.load import resolve_device
@@ -29,33 +29,29 @@ from leangen.sampling import check_sampling, sample
 from leangen.text import IncrementalDecoder, Prompt, prompts_from_config
 
 
-def _key(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class GenerateConfig(ModelKeys):
     """The recipe's keys; README "Configuration" documents each, --help lists them."""
 
     RECIPE: ClassVar[str] = "generate"
 
-    seed: Optional[int] = _key(1234, "random seed for sampling (null: not seeded)")
-    prompt: Optional[Any] = _key(None, "a string (raw completion after BOS) or {system, user} (chat)")
-    prompts_file: Optional[str] = _key(None, ".txt (a prompt a line) or .jsonl ({prompt} or "
+    seed: Optional[int] = config_key(1234, "random seed for sampling (null: not seeded)")
+    prompt: Optional[Any] = config_key(None, "a string (raw completion after BOS) or {system, user} (chat)")
+    prompts_file: Optional[str] = config_key(None, ".txt (a prompt a line) or .jsonl ({prompt} or "
                                              "{messages}); overrides prompt")
-    batch_size: int = _key(8, "prompts from prompts_file decoded together")
-    max_new_tokens: int = _key(300, "tokens to generate at most per prompt")
-    temperature: float = _key(0.6, "0 = greedy")
-    top_k: Optional[int] = _key(300, "sample from the k most likely tokens (null: all)")
-    top_p: Optional[float] = _key(None, "nucleus sampling mass (null: off)")
-    enable_kv_cache: bool = _key(True, "decode with a KV cache sized to need")
-    compile: bool = _key(False, "torch.compile the decode step")
-    output_file: Optional[str] = _key(None, "jsonl, a record a prompt, written as each finishes")
-    metrics_file: Optional[str] = _key(None, "JSON with the run's figures")
+    batch_size: int = config_key(8, "prompts from prompts_file decoded together")
+    max_new_tokens: int = config_key(300, "tokens to generate at most per prompt")
+    temperature: float = config_key(0.6, "0 = greedy")
+    top_k: Optional[int] = config_key(300, "sample from the k most likely tokens (null: all)")
+    top_p: Optional[float] = config_key(None, "nucleus sampling mass (null: off)")
+    enable_kv_cache: bool = config_key(True, "decode with a KV cache sized to need")
+    compile: bool = config_key(False, "torch.compile the decode step")
+    output_file: Optional[str] = config_key(None, "jsonl, a record a prompt, written as each finishes")
+    metrics_file: Optional[str] = config_key(None, "JSON with the run's figures")
     # Accepted so that torchtune's own generation configs run unchanged:
-    output_dir: Optional[str] = _key(None, "accepted from torchtune configs; never written to")
-    quantizer: Optional[Any] = _key(None, "accepted from torchtune configs; must be null")
-    log_level: Optional[str] = _key(None, "accepted from torchtune configs; ignored")
+    output_dir: Optional[str] = config_key(None, "accepted from torchtune configs; never written to")
+    quantizer: Optional[Any] = config_key(None, "accepted from torchtune configs; must be null")
+    log_level: Optional[str] = config_key(None, "accepted from torchtune configs; ignored")
 
 
 class GenerateRecipe:

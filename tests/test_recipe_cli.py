@@ -42,7 +42,10 @@ def test_help_lists_every_key_with_its_default_and_the_packaged_configs(capsys, 
     assert exit_.value.code == 0
     keys = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and line.split()]
     assert {f.name for f in dataclasses.fields(schema)} <= set(keys)
-    assert "  max_new_tokens           300      tokens to generate" in out or schema is EvalConfig
+    defaults = {line.split()[0]: line.split()[1] for line in out.splitlines()
+                if line.startswith("  ") and len(line.split()) > 1}
+    assert defaults["dtype"] == '"auto"' and defaults["threads"] == "null"
+    assert defaults.get("max_new_tokens", "300") == "300" and defaults.get("max_seq_len", "2048") == "2048"
     assert ("demo" if schema is GenerateConfig else "eval_demo") in keys
 
 
@@ -87,6 +90,24 @@ def test_config_mistakes_name_the_key(capsys, argv, message):
     code, _, err = run(capsys, "--config", "demo", *argv)
     assert code == 1 and message in err
     assert err.count("\n") == 1 and "?." not in err and "invalid key" not in err
+
+
+def test_one_value_for_a_list_key_is_a_list_of_one(capsys, tmp_path):
+    code, out, _ = run(capsys, "--config", "eval_demo", "~perplexity", "lm_eval.tasks=counting_mc",
+                       f"output_file={tmp_path / 'r.json'}", recipe=eval_main)
+    assert code == 0 and "counting_mc" in out
+
+
+def test_a_mapping_over_a_list_is_one_line(capsys):
+    code, _, err = run(capsys, "--config", "eval_demo", "perplexity.files={a: b}", recipe=eval_main)
+    assert code == 1 and "an override gives a mapping where the config has a list" in err
+    assert err.count("\n") == 1
+
+
+def test_help_into_a_closed_pipe_is_quiet():
+    result = subprocess.run(f"{sys.executable} -m leangen.eval --help | head -1", shell=True,
+                            capture_output=True, text=True, timeout=300)
+    assert result.stdout.startswith("usage: leangen-eval") and "Traceback" not in result.stderr
 
 
 def test_nested_typo_suggests_the_nested_key(capsys):
