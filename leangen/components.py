@@ -98,8 +98,16 @@ def model_from_config(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
 
 
 def tokenizer_from_config(cfg: DictConfig):
+    """``tokenizer: auto``: the checkpoint folder's own tokenizer (leangen.hf_tokenizer);
+    else a torchtune ``_component_`` block."""
     from torchtune import config as tt_config
 
+    if cfg.tokenizer == "auto":
+        from leangen.hf_tokenizer import tokenizer_from_folder
+
+        return tokenizer_from_folder(_checkpoint_folder(cfg))
+    if not OmegaConf.is_dict(cfg.tokenizer):
+        raise ConfigError(f"tokenizer: '{cfg.tokenizer}' is neither 'auto' nor a {{_component_: ...}} block.")
     path = cfg.tokenizer.get("path")
     overrides = {}
     if path is not None:
@@ -111,6 +119,15 @@ def tokenizer_from_config(cfg: DictConfig):
         return tt_config.instantiate(cfg.tokenizer, **overrides)
     except Exception as e:  # torchtune wraps builder errors in its own InstantiationError
         raise ConfigError(f"tokenizer '{cfg.tokenizer.get('_component_')}' failed: {e}") from e
+
+
+def _checkpoint_folder(cfg: DictConfig) -> Path:
+    """The folder of the checkpoint: its path if a directory, else its (first) file's parent."""
+    path, _ = checkpoint_source(cfg)
+    first = Path(path[0] if isinstance(path, (list, tuple)) else path).expanduser()
+    if not first.exists():
+        raise ConfigError(f"checkpoint.path: '{first}' does not exist (tokenizer: auto reads its folder).")
+    return first if first.is_dir() else first.parent
 
 
 def _missing_checkpoint_first(cfg: DictConfig) -> None:

@@ -21,10 +21,11 @@ class Prompt:
 
 
 def prompts_from_config(cfg: DictConfig, tokenizer) -> list[Prompt]:
-    """``prompts_file`` if set, else ``prompt``: a string (raw completion after BOS)
-    or ``{system, user}`` through the tokenizer's chat template."""
+    """``prompts_file`` if set, else ``prompt``: a string (raw completion, with BOS as
+    ``add_bos`` says) or ``{system, user}`` through the tokenizer's chat template."""
+    add_bos = cfg.get("add_bos", "auto")
     if cfg.get("prompts_file"):
-        return [tokenize(item, tokenizer) for item in read_prompts_file(Path(cfg.prompts_file))]
+        return [tokenize(item, tokenizer, add_bos=add_bos) for item in read_prompts_file(Path(cfg.prompts_file))]
     if cfg.get("prompt") is None:
         raise ConfigError("set 'prompt' (a string or {system, user}) or 'prompts_file'.")
     prompt = OmegaConf.to_container(cfg.prompt) if OmegaConf.is_config(cfg.prompt) else cfg.prompt
@@ -40,7 +41,7 @@ def prompts_from_config(cfg: DictConfig, tokenizer) -> list[Prompt]:
         raise ConfigError("prompt: give a string or {system, user}; for several prompts use prompts_file.")
     else:
         prompt = str(prompt)  # `prompt=42` on the command line arrives as an int
-    return [tokenize(prompt, tokenizer)]
+    return [tokenize(prompt, tokenizer, add_bos=add_bos)]
 
 
 def read_prompts_file(path: Path) -> list[Any]:
@@ -70,9 +71,33 @@ def _jsonl_prompt(line: str, where: str) -> str | list[dict]:
                       "(a non-empty list of {\"role\": ..., \"content\": ...}).")
 
 
-def tokenize(prompt: str | list[dict], tokenizer) -> Prompt:
+ADD_BOS_SETTINGS = ("auto", True, False)
+
+
+def resolve_add_bos(setting: str | bool, tokenizer) -> bool:
+    """Whether a raw text (a prompt, a perplexity file) starts with BOS.
+
+    ``auto`` is what transformers' ``tokenizer(text)`` does for the model's folder:
+    ``tokenizer.add_bos_default`` when the tokenizer has one (``tokenizer: auto`` sets
+    it: for tokenizer.json, whether its post-processor adds BOS; for a tokenizer.model,
+    ``add_bos_token`` of tokenizer_config.json, else True), and True
+    for a torchtune ``_component_`` tokenizer. No BOS when the tokenizer has none.
+    """
+    if isinstance(setting, str) and setting.lower() in ("true", "false"):  # `add_bos=false` on a command line
+        setting = setting.lower() == "true"
+    if setting not in ADD_BOS_SETTINGS or (isinstance(setting, int) and not isinstance(setting, bool)):
+        raise ConfigError(f"add_bos: '{setting}' is not one of auto, true, false.")
+    if getattr(tokenizer, "bos_id", None) is None:
+        return False
+    return bool(getattr(tokenizer, "add_bos_default", True)) if setting == "auto" else setting
+
+
+def tokenize(prompt: str | list[dict], tokenizer, *, add_bos: str | bool = "auto") -> Prompt:
+    """A raw string (with BOS as ``add_bos`` says, never EOS), or chat messages in the
+    tokenizer's chat format, ending with the assistant's header."""
     if isinstance(prompt, str):
-        return Prompt(prompt, tokenizer.encode(prompt, add_bos=True, add_eos=False), raw=True)
+        return Prompt(prompt, tokenizer.encode(prompt, add_bos=resolve_add_bos(add_bos, tokenizer), add_eos=False),
+                      raw=True)
     unknown = [m["role"] for m in prompt if m["role"] not in get_args(Role)]
     if unknown:  # torchtune's Message does not check its role
         raise ConfigError(f"prompt messages: unknown role '{unknown[0]}'; use one of "
@@ -80,7 +105,12 @@ def tokenize(prompt: str | list[dict], tokenizer) -> Prompt:
     messages = [Message(role=m["role"], content=m["content"]) for m in prompt]
     if messages[-1].role != "assistant":  # an empty assistant turn starts the reply
         messages.append(Message(role="assistant", content=""))
-    tokens = tokenizer({"messages": messages}, inference=True)["tokens"]
+    tokens = list(tokenizer({"messages": messages}, inference=True)["tokens"])
+    # torchtune's Qwen2Tokenizer ends even an inference prompt with <|im_end|>: a chat
+    # prompt must end with the assistant's header, never with an end of turn
+    stops = set(tokenizer.stop_tokens)
+    while tokens and tokens[-1] in stops:
+        tokens.pop()
     return Prompt(prompt, tokens, raw=False)
 
 
