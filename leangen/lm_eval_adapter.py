@@ -27,7 +27,7 @@ from leangen.errors import ConfigError
 from leangen.generation import Completions, complete
 from leangen.perplexity import Throughput, padded_logits, token_logprobs
 from leangen.sampling import sample
-from leangen.text import IncrementalDecoder, tokenize
+from leangen.text import IncrementalDecoder, resolve_add_bos, tokenize
 
 # A request is ((context, continuation) or None, context ids, continuation ids).
 Request = tuple[Any, list[int], list[int]]
@@ -43,7 +43,7 @@ class LeangenLM(TemplateLM):
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, max_length: int,
                  batch_size: int = 8, max_gen_toks: int = 256,
-                 throughput: Throughput | None = None):
+                 throughput: Throughput | None = None, add_bos: str | bool = "auto"):
         super().__init__()
         self.model = model
         self._tokenizer = tokenizer  # not `tokenizer`: lm-eval treats that one as an HF tokenizer
@@ -53,6 +53,7 @@ class LeangenLM(TemplateLM):
         self._device = next(model.parameters()).device
         self.throughput = throughput if throughput is not None else Throughput()
         self._templated: list[tuple[str, list[int]]] = []
+        self._add_bos = resolve_add_bos(add_bos, tokenizer)  # auto: what transformers' tokenizer(text) does
 
     @property
     def eot_token_id(self) -> int:
@@ -75,12 +76,13 @@ class LeangenLM(TemplateLM):
     # -- text and tokens ------------------------------------------------------------
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        """BOS + ids, as the HF backend does for Llama-style tokenizers; no BOS when
-        ``add_special_tokens`` is False; never EOS."""
+        """BOS (as ``add_bos`` says: by default what the HF backend's tokenizer adds) + ids;
+        no BOS when ``add_special_tokens`` is False; never EOS."""
         templated = _TEMPLATED.match(string)
         if templated:
             return self._encode_templated(string, templated)
-        return self._tokenizer.encode(string, add_bos=add_special_tokens is not False, add_eos=False)
+        return self._tokenizer.encode(string, add_bos=self._add_bos and add_special_tokens is not False,
+                                      add_eos=False)
 
     def tok_decode(self, tokens: list[int]) -> str:
         return self._tokenizer.decode(list(tokens))

@@ -259,3 +259,17 @@ def test_tokenizer_model_folders_use_torchtune_tokenizers(tmp_path):
     assert 7 in tiktoken.stop_tokens and tiktoken.eos_id in tiktoken.stop_tokens
     assert not resolve_add_bos("auto", tiktoken)
     assert tokenize("kalo mi", tiktoken).tokens == tiktoken.encode("kalo mi", add_bos=False, add_eos=False)
+
+
+def test_lm_eval_tok_encode_follows_add_bos(llama_folder, qwen_folder):
+    pytest.importorskip("lm_eval")
+    import torch
+
+    from leangen.lm_eval_adapter import LeangenLM
+
+    model = torch.nn.Linear(1, 1)  # tok_encode never runs the model
+    for folder in (llama_folder, qwen_folder):
+        lm = LeangenLM(model, HFTokenizer(folder), max_length=16)
+        assert lm.tok_encode("kalo mine") == _hf(folder)("kalo mine")["input_ids"]
+    llama = HFTokenizer(llama_folder)
+    assert LeangenLM(model, llama, max_length=16, add_bos=False).tok_encode("kalo")[0] != llama.bos_id
