@@ -187,3 +187,37 @@ def test_omp_num_threads_is_honoured_and_a_bf16_run_prints_only_the_summary(tmp_
     assert line.startswith("load ") and " GB" in line and "GiB" not in line
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["threads"] == 1 and metrics["generated_tokens"] == 8
+
+
+class _Terminal:
+    """A stderr that says it is a terminal, keeping what is written."""
+
+    def __init__(self):
+        import io
+
+        self.buffer = io.StringIO()
+
+    def isatty(self):
+        return True
+
+    def write(self, text):
+        return self.buffer.write(text)
+
+    def flush(self):
+        pass
+
+
+def test_prompts_file_shows_progress_only_on_a_terminal(capsys, tmp_path, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one two\nfive six\nten eleven\n")
+    code, out, err = run(capsys, "--config", "demo", f"prompts_file={prompts}", "batch_size=1",
+                         "max_new_tokens=3")
+    assert code == 0 and err.count("\n") == 1 and "prompts" not in err  # not a terminal: summary only
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    code, out, _ = run(capsys, "--config", "demo", f"prompts_file={prompts}", "batch_size=1",
+                       "max_new_tokens=3")
+    shown = terminal.buffer.getvalue()
+    assert code == 0 and "prompts: " in shown and "0/3 [" in shown  # done/total
+    assert out.split("\n\n")[:3] == ["one two three four five", "five six seven eight nine",
+                                     "ten eleven twelve thirteen fourteen"]
