@@ -35,6 +35,7 @@ from leangen.errors import ConfigError
 from leangen.load import resolve_device
 from leangen.metrics import peak_host_rss_bytes, summary
 from leangen.perplexity import Score, Throughput, perplexity
+from leangen.text import resolve_add_bos, tokenize
 
 # The `eval` extra of pyproject.toml, spelled as a plain requirement: leangen is not on
 # PyPI, so `pip install 'leangen[eval]'` finds no leangen. A test keeps the two in step.
@@ -66,6 +67,8 @@ class EvalConfig(ModelKeys):
 
     RECIPE: ClassVar[str] = "eval"  # --help and --list-configs show this recipe's configs
 
+    add_bos: str = config_key("auto", "BOS before each text and lm-eval request: auto (as "
+                                      "transformers' tokenizer(text) for the folder) | true | false")
     max_seq_len: int = config_key(2048, "tokens per window or request, at most the model's own")
     batch_size: int = config_key(8, "windows or requests scored together")
     perplexity: Optional[PerplexityConfig] = config_key(None, "{files, stride} or null")
@@ -85,7 +88,9 @@ class EvalRecipe:
         _reject_bad_options(cfg)
         texts = {path: _read_text(path) for path in cfg.perplexity.files} if cfg.perplexity else {}
         self.tokenizer = tokenizer_from_config(cfg)
-        self.sequences = {path: _tokenize(path, text, self.tokenizer) for path, text in texts.items()}
+        resolve_add_bos(cfg.add_bos, self.tokenizer)  # a bad value fails before the load
+        self.sequences = {path: _tokenize(path, text, self.tokenizer, cfg.add_bos)
+                          for path, text in texts.items()}
         # the tasks' datasets load now, so a missing one fails before the model loads
         self.task_dict = _load_tasks(cfg.lm_eval) if cfg.lm_eval else None
         start = time.perf_counter()
@@ -134,7 +139,7 @@ class EvalRecipe:
 
         block = cfg.lm_eval
         lm = LeangenLM(self.model, self.tokenizer, max_length=cfg.max_seq_len,
-                       batch_size=cfg.batch_size, throughput=self.throughput)
+                       batch_size=cfg.batch_size, throughput=self.throughput, add_bos=cfg.add_bos)
         out = evaluate(lm=lm, task_dict=self.task_dict, limit=block.limit,
                        apply_chat_template=block.apply_chat_template, fewshot_as_multiturn=True,
                        log_samples=False)
@@ -195,11 +200,13 @@ def _read_text(path: str) -> str:
     return text
 
 
-def _tokenize(path: str, text: str, tokenizer) -> list[int]:
-    tokens = tokenizer.encode(text, add_bos=True, add_eos=False)
+def _tokenize(path: str, text: str, tokenizer, add_bos: str) -> list[int]:
+    """The text as one sequence, BOS as ``add_bos`` says, no EOS: what the README's
+    "Perplexity, exactly" promises."""
+    tokens = tokenize(text, tokenizer, add_bos=add_bos).tokens
     if len(tokens) < 2:
         raise ConfigError(
-            f"perplexity.files: '{path}' is {len(tokens)} token(s) with BOS; perplexity needs at "
+            f"perplexity.files: '{path}' is {len(tokens)} token(s); perplexity needs at "
             "least two (a context and a token to score)."
         )
     return tokens

@@ -37,6 +37,8 @@ class GenerateConfig(ModelKeys):
 
     seed: Optional[int] = config_key(1234, "random seed for sampling (null: not seeded)")
     prompt: Optional[Any] = config_key(None, "a string (raw completion after BOS) or {system, user} (chat)")
+    add_bos: str = config_key("auto", "BOS before a raw prompt: auto (as transformers' "
+                                      "tokenizer(text) for the folder) | true | false")
     prompts_file: Optional[str] = config_key(None, ".txt (a prompt a line) or .jsonl ({prompt} or "
                                              "{messages}); overrides prompt")
     batch_size: int = config_key(8, "prompts from prompts_file decoded together")
