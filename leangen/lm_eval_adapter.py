@@ -6,7 +6,7 @@ is downloaded (torchtune's wrapper initialises ``HFLM(pretrained="gpt2")``, whic
 does). Scoring batches right-padded requests with the KV cache off; generation
 goes through ``leangen.generation.complete``, as in the generate recipe.
 
-lm-eval is an optional extra (``pip install 'leangen[eval]'``): import this
+lm-eval is optional (``pip install lm-eval==0.4.13``, the ``eval`` extra): import this
 module only once ``lm_eval`` is known to import.
 """
 
