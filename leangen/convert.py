@@ -13,11 +13,19 @@ from typing import Callable, Mapping
 
 import torch
 from torchtune.models.convert_weights import _FROM_HF, _FROM_META
-from torchtune.models.gemma2._convert_weights import _GEMMA2_FROM_HF
+from torchtune.models.gemma2._convert_weights import _GEMMA2_FROM_HF as _TUNE_GEMMA2_FROM_HF
 from torchtune.models.phi3._convert_weights import _PHI3_MINI
 from torchtune.models.qwen2._convert_weights import _FROM_HF as _QWEN2_FROM_HF
 
 from leangen.errors import ConversionError
+
+# torchtune 0.6.1's Gemma 2 table swaps the MLP's two norms: HF's pre_feedforward_layernorm
+# runs before the MLP (torchtune's mlp_norm), post_feedforward_layernorm after it (mlp_scale).
+_GEMMA2_FROM_HF = {
+    **_TUNE_GEMMA2_FROM_HF,
+    "model.layers.{}.pre_feedforward_layernorm.weight": "layers.{}.mlp_norm.scale",
+    "model.layers.{}.post_feedforward_layernorm.weight": "layers.{}.mlp_scale.scale",
+}
 
 
 @dataclass(frozen=True)
