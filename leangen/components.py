@@ -93,8 +93,12 @@ def _from_checkpointer(block: DictConfig) -> tuple[list[str], str]:
 
 
 def model_from_config(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
+    """``model: auto`` (the builder config.json describes) or a builder block, which is
+    checked against config.json; ``checkpoint.strict_config: false`` only warns."""
     path, model_type = checkpoint_source(cfg)
-    return load_model(cfg.model, path, device=device, dtype=cfg.dtype, model_type=model_type)
+    strict = cfg.checkpoint.get("strict_config", True) if cfg.get("checkpoint") is not None else True
+    return load_model(cfg.model, path, device=device, dtype=cfg.dtype, model_type=model_type,
+                      strict_config=bool(strict))
 
 
 def tokenizer_from_config(cfg: DictConfig):

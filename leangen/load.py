@@ -12,9 +12,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from leangen.buffers import check_no_meta, materialise_buffers
-from leangen.checkpoint import CheckpointPath
+from leangen.checkpoint import CheckpointPath, open_raw
 from leangen.convert import Geometry, Transform
 from leangen.errors import ConfigError, ConversionError, LeangenError
+from leangen.hf_config import builder_for, check_model, parse_config
 from leangen.move import move_to_device
 from leangen.view import Checkpoint, open_checkpoint
 
@@ -37,17 +38,32 @@ _PROGRESS_BYTES = 1 << 30
 
 def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | torch.device = "cpu",
                dtype: str | torch.dtype = "auto", model_type: str = "auto",
-               **builder_kwargs: Any) -> torch.nn.Module:
+               strict_config: bool = True, **builder_kwargs: Any) -> torch.nn.Module:
     """Build ``builder`` on meta and fill it from ``checkpoint`` without copying.
 
-    ``builder`` is a dotted path, a callable or a DictConfig with ``_component_``;
-    ``builder_kwargs`` go to it. ``checkpoint`` is a directory, a file or a list of
-    files. ``dtype="auto"`` keeps the stored dtype: on CPU the parameters are then the
-    file's mmap itself. Returns the model in eval mode on ``device``, nothing on meta.
+    ``builder`` is a dotted path, a callable, a DictConfig with ``_component_``, or
+    ``"auto"``: the torchtune builder and kwargs that config.json describes
+    (``builder_kwargs`` then override single kwargs, e.g. ``max_seq_len``).
+    ``checkpoint`` is a directory, a file or a list of files. When config.json is
+    there, the built model is checked against it (RoPE, norms, heads, tying, biases...);
+    a difference is a ConversionError, or a warning with ``strict_config=False``.
+    ``dtype="auto"`` keeps the stored dtype: on CPU the parameters are then the file's
+    mmap itself. Returns the model in eval mode on ``device``, nothing on meta, with
+    the parsed config.json as ``model.leangen_config`` (None without one).
     """
     device = resolve_device(device)
+    raw = open_raw(checkpoint)  # headers and config.json only
+    config = parse_config(raw.config)
+    if _is_auto(builder):
+        if config is None:
+            raise ConfigError(f"model: auto needs an HF config.json (with a model_type) beside "
+                              f"{raw.files[0]}. Name a torchtune builder instead.")
+        builder, auto_kwargs = builder_for(config)
+        builder_kwargs = {**auto_kwargs, **builder_kwargs}
     model = build_on_meta(builder, **builder_kwargs)
-    view = open_checkpoint(checkpoint, model_type=model_type, geometry=Geometry.from_model(model))
+    if config is not None:
+        check_model(model, config, strict=strict_config)
+    view = open_checkpoint(raw, model_type=model_type, geometry=Geometry.from_model(model))
     dtype = resolve_dtype(dtype, view, device)
     pending = assign(model, view)
     materialise_buffers(model, device)
@@ -55,7 +71,12 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
     move_to_device(model, pending, device, dtype,
                    progress=device.type != "cpu" and nbytes > _PROGRESS_BYTES)
     check_no_meta(model)
+    model.leangen_config = config
     return model.eval().requires_grad_(False)
+
+
+def _is_auto(builder: Builder) -> bool:
+    return isinstance(builder, str) and builder == "auto"
 
 
 # Device types leangen runs on, each with how to tell that this machine has one.
@@ -148,7 +169,7 @@ def _check_keys(expected: dict, names: list[str], view: Checkpoint) -> None:
             "llama3_2, qwen2 with tie_word_embeddings=True, gemma) that matches the checkpoint."
         )
     if "output.weight" in view and "output.weight" not in expected \
-            and (view.raw.config or {}).get("tie_word_embeddings") is False:
+            and (view.config or {}).get("tie_word_embeddings") is False:
         raise ConversionError(
             f"{files}: the checkpoint has its own output projection (lm_head; config.json says "
             "tie_word_embeddings: false), but the builder ties output.weight to the embedding "

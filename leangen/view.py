@@ -27,6 +27,11 @@ class Checkpoint:
     def files(self):
         return self.raw.files
 
+    @property
+    def config(self) -> dict | None:
+        """config.json (HF) or params.json (Meta) beside the files, as read; None if absent."""
+        return self.raw.config
+
     def names(self) -> list[str]:
         return list(self.entries)
 
@@ -85,15 +90,16 @@ class Checkpoint:
             ) from None
 
 
-def open_checkpoint(checkpoint: CheckpointPath, *, model_type: str = "auto",
+def open_checkpoint(checkpoint: CheckpointPath | RawCheckpoint, *, model_type: str = "auto",
                     geometry: Geometry | None = None) -> Checkpoint:
-    """A lazy view of ``checkpoint`` (directory, file, index or list of files).
+    """A lazy view of ``checkpoint`` (directory, file, index or list of files, or one
+    already opened with ``open_raw``).
 
     ``model_type`` is 'auto' (config.json, else key names), a torchtune ModelType name
     (llama2, llama3, llama3_2, mistral, qwen2, gemma, gemma2, phi3_mini, phi4) or an HF
     model_type. ``geometry`` defaults to config.json's head counts.
     """
-    raw = open_raw(checkpoint)
+    raw = checkpoint if isinstance(checkpoint, RawCheckpoint) else open_raw(checkpoint)
     family = detect_family(model_type, raw.config, raw.names())
     return Checkpoint(raw, family, geometry or Geometry.from_config(raw.config))
 

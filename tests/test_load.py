@@ -217,24 +217,33 @@ def test_bf16_on_a_gpu_without_bf16(tiny_checkpoint, monkeypatch):
 
 
 # --- checkpoint does not fit the builder -------------------------------------------
+# config.json's cross-check (tests/test_hf_config.py) names these first; with
+# strict_config=False it only warns, and the key and shape checks below still refuse.
+
+LENIENT = dict(strict_config=False)
+
 
 def test_missing_keys_are_listed(tiny_checkpoint):
     path, builder, kwargs, _ = tiny_checkpoint("llama")
-    with pytest.raises(ConversionError, match=r"does not fit the builder: 9 missing \(first: layers\.2\.") as e:
+    with pytest.raises(ConversionError, match=r"num_hidden_layers: builder 3, checkpoint 2"):
         leangen.load_model(builder, path, **dict(kwargs, num_layers=3))
+    with pytest.raises(ConversionError, match=r"does not fit the builder: 9 missing \(first: layers\.2\.") as e, \
+            pytest.warns(UserWarning, match="num_hidden_layers"):
+        leangen.load_model(builder, path, **LENIENT, **dict(kwargs, num_layers=3))
     assert path.name in str(e.value)
 
 
 def test_unexpected_keys_are_listed(tiny_checkpoint):
     path, builder, kwargs, _ = tiny_checkpoint("llama")
-    with pytest.raises(ConversionError, match=r"0 missing.*9 unexpected \(first: layers\.1\."):
-        leangen.load_model(builder, path, **dict(kwargs, num_layers=1))
+    with pytest.raises(ConversionError, match=r"0 missing.*9 unexpected \(first: layers\.1\."), \
+            pytest.warns(UserWarning, match="num_hidden_layers"):
+        leangen.load_model(builder, path, **LENIENT, **dict(kwargs, num_layers=1))
 
 
 def test_shape_mismatch_names_tensor_and_both_shapes(tiny_checkpoint):
     path, builder, kwargs, _ = tiny_checkpoint("llama")
-    with pytest.raises(ConversionError) as e:
-        leangen.load_model(builder, path, **dict(kwargs, vocab_size=256))
+    with pytest.raises(ConversionError) as e, pytest.warns(UserWarning, match="vocab_size"):
+        leangen.load_model(builder, path, **LENIENT, **dict(kwargs, vocab_size=256))
     message = str(e.value)
     for words in ("'tok_embeddings.weight'", "checkpoint (128, 64)", "model (256, 64)",
                   "'output.weight'", "builder"):
@@ -243,16 +252,20 @@ def test_shape_mismatch_names_tensor_and_both_shapes(tiny_checkpoint):
 
 def test_untied_builder_with_tied_checkpoint(tiny_checkpoint):
     path, builder, kwargs, _ = tiny_checkpoint("llama", tied=True)  # llama2 cannot tie
-    with pytest.raises(ConversionError, match="ties the output projection.*no lm_head.*tied builder") as e:
+    with pytest.raises(ConversionError, match="tie_word_embeddings: builder False, checkpoint True"):
         leangen.load_model(builder, path, **kwargs)
+    with pytest.raises(ConversionError, match="ties the output projection.*no lm_head.*tied builder") as e, \
+            pytest.warns(UserWarning, match="tie_word_embeddings"):
+        leangen.load_model(builder, path, **LENIENT, **kwargs)
     assert path.name in str(e.value)
 
 
 def test_tied_builder_with_untied_checkpoint_is_refused(tiny_checkpoint):
     """config.json says the lm_head is its own tensor: a tied builder would drop it."""
     path, builder, kwargs, _ = tiny_checkpoint("qwen2", tied=False)
-    with pytest.raises(ConversionError, match="output.weight.*tie_word_embeddings"):
-        leangen.load_model(builder, path, **dict(kwargs, tie_word_embeddings=True))
+    with pytest.raises(ConversionError, match="output.weight.*tie_word_embeddings"), \
+            pytest.warns(UserWarning, match="tie_word_embeddings: builder True, checkpoint False"):
+        leangen.load_model(builder, path, **LENIENT, **dict(kwargs, tie_word_embeddings=True))
 
 
 def test_unknown_model_type(tiny_checkpoint):

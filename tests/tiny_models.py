@@ -94,6 +94,12 @@ FAMILIES: dict[str, TinyFamily] = {
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
         "GemmaForCausalLM", "torchtune.models.gemma.gemma",
         dict(_COMMON_TUNE, head_dim=32, rope_base=10000), tied=True, model_type="gemma"),
+    "gemma2": TinyFamily(  # torchtune's gemma2 caps hidden states, not logits: leangen's
+        _config("Gemma2Config", head_dim=32, query_pre_attn_scalar=32, sliding_window=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+        "Gemma2ForCausalLM", "leangen.hf_config.gemma2",
+        dict(_COMMON_TUNE, head_dim=32, rope_base=10000, query_pre_attn_scalar=32), tied=True,
+        model_type="gemma2"),
     "phi3": TinyFamily(
         _config("Phi3Config", max_position_embeddings=MAX_SEQ_LEN,
                 original_max_position_embeddings=MAX_SEQ_LEN,
@@ -110,13 +116,15 @@ class TinyCheckpoint(NamedTuple):
     hf_model: torch.nn.Module  # the transformers model the files were saved from (fp32, eval)
 
 
-def make_hf_model(family: str, *, tied: bool | None = None, seed: int = 0) -> torch.nn.Module:
-    """A deterministic tiny transformers model of ``family`` (fp32, eval mode)."""
+def make_hf_model(family: str, *, tied: bool | None = None, seed: int = 0,
+                  **config: Any) -> torch.nn.Module:
+    """A deterministic tiny transformers model of ``family`` (fp32, eval mode);
+    ``config`` overrides fields of the family's transformers config."""
     import transformers
 
     spec = FAMILIES[family]
     tied = spec.tied if tied is None else tied
-    config = spec.hf_config(tie_word_embeddings=tied)
+    config = spec.hf_config(**{"tie_word_embeddings": tied, **config})
     torch.manual_seed(seed)
     model = getattr(transformers, spec.hf_model)(config).float().eval()
     _sharpen(model)
