@@ -7,13 +7,14 @@ ever written to the checkpointer's ``output_dir``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from leangen.config import config_key
 from leangen.errors import ConfigError
 from leangen.load import load_model
 
@@ -28,22 +29,20 @@ CHECKPOINTERS = {
 }
 
 
-def _key(default: Any, help: str) -> Any:
-    """A config key with the meaning ``--help`` shows."""
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class ModelKeys:
     """The config keys every recipe shares: what to load, and where to run it."""
 
-    model: Any = _key(None, "{_component_: a torchtune builder, its kwargs...}")
-    tokenizer: Any = _key(None, "{_component_: a torchtune tokenizer builder, path: ...}")
-    checkpoint: Optional[Any] = _key(None, "{path: dir, file or list of files, model_type: auto}")
-    checkpointer: Optional[Any] = _key(None, "a torchtune checkpointer block: read, never instantiated")
-    device: str = _key("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
-    dtype: str = _key("auto", "auto (the stored dtype: zero copy on CPU) | bf16 | fp16 | fp32")
-    threads: Optional[int] = _key(None, "CPU threads (null: torch's choice, which follows OMP_NUM_THREADS)")
+    model: Any = config_key(None, "auto (from the folder's config.json) | {_component_: a torchtune "
+                                  "builder, its kwargs...}")
+    tokenizer: Any = config_key(None, "auto (from the folder's tokenizer files) | {_component_: a "
+                                      "torchtune tokenizer builder, path: ...}")
+    checkpoint: Optional[Any] = config_key(None, "{path: dir, file or list of files, model_type: auto, "
+                                                 "strict_config: true}")
+    checkpointer: Optional[Any] = config_key(None, "a torchtune checkpointer block: read, never instantiated")
+    device: str = config_key("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
+    dtype: str = config_key("auto", "auto (the stored dtype: zero copy on CPU) | bf16 | fp16 | fp32")
+    threads: Optional[int] = config_key(None, "CPU threads (null: torch's choice, which follows OMP_NUM_THREADS)")
 
 
 def set_threads(threads: Optional[int]) -> int:

@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from leangen.components import ModelKeys, model_from_config, set_threads, tokenizer_from_config
 from leangen.config import config_key, output_path, parse_args, run_recipe
 from leangen.errors import ConfigError
+from leangen.generation import context_limit
 from leangen.load import resolve_device
 from leangen.metrics import peak_host_rss_bytes, summary
 from leangen.perplexity import Score, Throughput, perplexity
@@ -96,11 +97,10 @@ class EvalRecipe:
         start = time.perf_counter()
         self.model = model_from_config(cfg, self.device)
         self.metrics["load_seconds"] = time.perf_counter() - start
-        if cfg.max_seq_len > self.model.max_seq_len:
-            raise ConfigError(
-                f"max_seq_len={cfg.max_seq_len} is more than the model's max_seq_len of "
-                f"{self.model.max_seq_len}; set max_seq_len={self.model.max_seq_len} or less."
-            )
+        limit, why = context_limit(self.model)
+        if cfg.max_seq_len > limit:
+            raise ConfigError(f"max_seq_len={cfg.max_seq_len} is more than {why}; set "
+                              f"max_seq_len={limit} or less.")
 
     def evaluate(self, cfg: DictConfig) -> dict:
         # 1. perplexity on local text

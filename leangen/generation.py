@@ -96,15 +96,28 @@ def _caches(model: torch.nn.Module, use_cache: bool, batch_size: int, length: in
                           decoder_max_seq_len=length)
 
 
+def context_limit(model: torch.nn.Module) -> tuple[int, str]:
+    """The positions a run may use, and what sets that limit.
+
+    Past a config.json ``sliding_window`` torchtune's attention no longer matches the
+    model (Mistral's sees the whole context, Gemma 2's decode differs), so a run stays
+    within the window rather than silently computing another model."""
+    window = getattr(getattr(model, "leangen_config", None), "sliding_window", None)
+    if window and window < model.max_seq_len:
+        return window, (f"the model's sliding window of {window} (config.json sliding_window; "
+                        "past it torchtune's attention differs from the model's)")
+    return model.max_seq_len, f"the model's max_seq_len of {model.max_seq_len}"
+
+
 def check_fits(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int) -> None:
     """Every prompt plus ``max_new_tokens`` fits the model's context."""
-    limit = model.max_seq_len
+    limit, why = context_limit(model)
     for number, prompt in enumerate(prompts, 1):
         if len(prompt) + max_new_tokens > limit:
             raise ConfigError(
                 f"prompt {number} is {len(prompt)} tokens; with max_new_tokens={max_new_tokens} it "
-                f"needs {len(prompt) + max_new_tokens} positions, more than the model's max_seq_len "
-                f"of {limit}. Shorten the prompt or lower max_new_tokens."
+                f"needs {len(prompt) + max_new_tokens} positions, more than {why}. Shorten the "
+                "prompt or lower max_new_tokens."
             )
 
 
