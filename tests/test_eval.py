@@ -263,7 +263,7 @@ def test_install_hint_pins_the_eval_extra():
     """The error's `pip install lm-eval==...` is pyproject.toml's `eval` extra."""
     import tomllib
 
-    from leangen.eval import LM_EVAL_REQUIREMENT
+    from leangen.lm_eval_tasks import LM_EVAL_REQUIREMENT
 
     pyproject = resolve_config_path("eval_demo").parents[2] / "pyproject.toml"
     if not pyproject.exists():
