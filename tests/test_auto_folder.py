@@ -97,7 +97,7 @@ def transformers_perplexity(folder, text: str, max_length: int, stride: int) -> 
     return float(torch.exp(torch.tensor(nll_sum / n_tokens, dtype=torch.float64))), n_tokens
 
 
-@pytest.mark.parametrize("variant", ["llama-theta", "qwen2"])  # BOS added, and not (Qwen)
+@pytest.mark.parametrize("variant", list(FOLDERS))  # BOS added (Llama-style), and not (Qwen)
 def test_perplexity_with_add_bos_auto_equals_transformers(model_folder, variant, tmp_path, capsys):
     folder = model_folder(variant)
     text = tmp_path / "text.txt"
