@@ -3,6 +3,10 @@
 Nothing is read here: ``plan`` looks at names and shapes only and returns, per
 torchtune parameter, which stored tensor feeds it and how (a row range of a fused
 tensor, a q/k head permutation). The key tables are torchtune's own.
+
+q/k rows are permuted only where the layout they are stored in differs from the
+layout of the model they are for (``plan``'s ``layout``, which ``load_model`` reads
+from the built model's RoPE module: see ``leangen.rope``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,12 @@ _GEMMA2_FROM_HF = {
     "model.layers.{}.pre_feedforward_layernorm.weight": "layers.{}.mlp_norm.scale",
     "model.layers.{}.post_feedforward_layernorm.weight": "layers.{}.mlp_scale.scale",
 }
+
+
+# q/k row layouts. HF's RoPE rotates halves (element i pairs with i + head_dim/2), so
+# HF files store q/k rows for that; Meta's reference and torchtune's stock
+# RotaryPositionalEmbeddings rotate interleaved pairs (2i, 2i+1).
+ROTATE_HALF, INTERLEAVED = "rotate_half", "interleaved"
 
 
 @dataclass(frozen=True)
@@ -60,7 +70,8 @@ class Transform:
     """What turns a stored tensor into the torchtune parameter; identity by default."""
 
     rows: tuple[int, int] | None = None  # row range of a fused stored tensor: a view
-    permute_heads: int = 0  # >0: HF rotate-half q/k rows to torchtune's interleaved rows
+    permute_heads: int = 0  # >0: permute q/k rows within each of this many heads...
+    to_layout: str = INTERLEAVED  # ...from the other layout into this one
 
     @property
     def computes(self) -> bool:
@@ -70,10 +81,11 @@ class Transform:
     def apply(self, t: torch.Tensor) -> torch.Tensor:
         if not self.permute_heads:
             return t
-        # Same permutation as torchtune's convert_weights.hf_to_tune::_permute.
         n, rows = self.permute_heads, t.shape[0]
         half = rows // n // 2
-        return t.reshape(n, 2, half, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+        # To interleaved: torchtune's convert_weights.hf_to_tune::_permute; else its inverse.
+        split = (n, 2, half) if self.to_layout == INTERLEAVED else (n, half, 2)
+        return t.reshape(*split, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
 
 
 @dataclass(frozen=True)
@@ -92,16 +104,21 @@ SplitFn = Callable[[str, torch.Size, Geometry], list[tuple[str, tuple[int, int]]
 class Family:
     name: str
     hf_table: Mapping[str, str | None]
-    permute_qk: bool = False  # HF stores rotate-half rows; torchtune's RoPE wants interleaved
+    tune_layout: str = ROTATE_HALF  # the q/k layout of torchtune's own RoPE for the family
     split: SplitFn | None = None  # fused HF tensors to several torchtune ones
     extra_tune_keys: tuple[str, ...] = ()  # torchtune keys only reachable through split
     tables: dict[str, Mapping[str, str | None]] = field(default_factory=dict, compare=False)
+    layouts: dict[str, str | None] = field(default_factory=dict, compare=False)  # per table: stored q/k
 
     def __post_init__(self):
         tune = {v: v for v in list(self.hf_table.values()) + list(self.extra_tune_keys) if v}
         self.tables.update(hf=self.hf_table, torchtune=tune)
-        if self.permute_qk and self.hf_table is _FROM_HF:
+        # A torchtune-format file holds q/k as the torchtune model it came from wants them,
+        # which its key names cannot tell (a Phi-3 .pt has Llama's names): None, taken as is.
+        self.layouts.update(hf=ROTATE_HALF, torchtune=None)
+        if self.tune_layout == INTERLEAVED and self.hf_table is _FROM_HF:
             self.tables["meta"] = _FROM_META  # Meta's consolidated.pth is already interleaved
+            self.layouts["meta"] = INTERLEAVED
 
 
 def _split_phi3(tune_key: str, shape: torch.Size, g: Geometry) -> list[tuple[str, tuple[int, int]]]:
@@ -122,9 +139,9 @@ def _split_phi3(tune_key: str, shape: torch.Size, g: Geometry) -> list[tuple[str
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("llama", _FROM_HF, permute_qk=True),
+        Family("llama", _FROM_HF, tune_layout=INTERLEAVED),
         Family("qwen2", _QWEN2_FROM_HF),
-        Family("gemma2", _GEMMA2_FROM_HF, permute_qk=True),
+        Family("gemma2", _GEMMA2_FROM_HF, tune_layout=INTERLEAVED),
         Family("phi3", _PHI3_MINI, split=_split_phi3,
                extra_tune_keys=("layers.{}.attn.k_proj.weight", "layers.{}.attn.v_proj.weight",
                                 "layers.{}.mlp.w3.weight")),
@@ -174,9 +191,24 @@ def detect_family(model_type: str, config: dict | None, keys: list[str]) -> Fami
     )
 
 
-def plan(keys: list[str], shape_of, dtype_of, family: Family, geometry: Geometry | None) -> dict[str, Entry]:
-    """torchtune name -> Entry for every stored key the family's table knows."""
+def stored_layout(keys: list[str], family: Family) -> str | None:
+    """The layout of the checkpoint's q/k rows: the one of the key table its names fit
+    (None: the model's own, for torchtune-format files)."""
+    return family.layouts[_pick_table(keys, family)[0]]
+
+
+def plan(keys: list[str], shape_of, dtype_of, family: Family, geometry: Geometry | None,
+         layout: str | None = None) -> dict[str, Entry]:
+    """torchtune name -> Entry for every stored key the family's table knows.
+
+    ``layout`` is the q/k row layout of the model the tensors are for (None: the one of
+    torchtune's own RoPE for the family); q/k rows stored in another layout are permuted.
+    """
     source, table = _pick_table(keys, family)
+    target = layout or family.tune_layout
+    stored = family.layouts[source]
+    permute_to = target if stored and stored != target else None
+    split = family.split if source == "hf" else None
     unknown = [k for k in keys if _template(k)[0] not in table]
     if unknown:
         raise ConversionError(
@@ -190,11 +222,11 @@ def plan(keys: list[str], shape_of, dtype_of, family: Family, geometry: Geometry
         if target is None:  # e.g. rotary_emb.inv_freq: recomputed, not loaded
             continue
         tune_key = target.format(*layers)
-        if geometry is None and _needs_geometry(tune_key, family, source) and not family.split:
+        if geometry is None and _needs_geometry(tune_key, permute_to, split) and not split:
             # Still listed with its shape, so an embedding can be loaded without head counts.
             entries[tune_key] = Entry(key, shape_of(key), dtype_of(key), unavailable=_no_geometry(tune_key))
             continue
-        parts = list(_expand(tune_key, shape_of(key), family, source, geometry))
+        parts = list(_expand(tune_key, shape_of(key), split, permute_to, geometry))
         _check_split(key, shape_of(key), parts, geometry)
         for name, transform in parts:
             shape = shape_of(key) if transform.rows is None else _rows_shape(shape_of(key), transform.rows)
@@ -202,14 +234,17 @@ def plan(keys: list[str], shape_of, dtype_of, family: Family, geometry: Geometry
     return entries
 
 
-def _expand(tune_key, shape, family, source, geometry):
+def _expand(tune_key, shape, split: SplitFn | None, permute_to: str | None, geometry):
     """The torchtune tensors one stored tensor becomes, each with its transform."""
-    if geometry is None and _needs_geometry(tune_key, family, source):
+    if geometry is None and _needs_geometry(tune_key, permute_to, split):
         raise ConversionError(_no_geometry(tune_key))
-    parts = family.split(tune_key, shape, geometry) if source == "hf" and family.split else [(tune_key, None)]
+    parts = split(tune_key, shape, geometry) if split else [(tune_key, None)]
     for name, rows in parts:
-        heads = _heads_to_permute(name, geometry) if source == "hf" and family.permute_qk else 0
-        yield name, Transform(rows=rows, permute_heads=heads)
+        if permute_to:
+            yield name, Transform(rows=rows, permute_heads=_heads_to_permute(name, geometry),
+                                  to_layout=permute_to)
+        else:
+            yield name, Transform(rows=rows)
 
 
 def _check_split(key: str, shape: torch.Size, parts, g: Geometry | None) -> None:
@@ -227,8 +262,8 @@ def _check_split(key: str, shape: torch.Size, parts, g: Geometry | None) -> None
     )
 
 
-def _needs_geometry(tune_key: str, family: Family, source: str) -> bool:
-    return source == "hf" and _is_qk(tune_key) and bool(family.permute_qk or family.split)
+def _needs_geometry(tune_key: str, permute_to: str | None, split: SplitFn | None) -> bool:
+    return _is_qk(tune_key) and bool(permute_to or split)
 
 
 def _no_geometry(tune_key: str) -> str:

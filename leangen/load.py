@@ -17,6 +17,7 @@ from leangen.convert import Geometry, Transform
 from leangen.errors import ConfigError, ConversionError, LeangenError
 from leangen.hf_config import builder_for, check_model, parse_config
 from leangen.move import move_to_device
+from leangen.rope import qk_layout
 from leangen.view import Checkpoint, open_checkpoint
 
 Builder = Union[str, Callable[..., torch.nn.Module], DictConfig]
@@ -38,7 +39,8 @@ _PROGRESS_BYTES = 1 << 30
 
 def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | torch.device = "cpu",
                dtype: str | torch.dtype = "auto", model_type: str = "auto",
-               strict_config: bool = True, **builder_kwargs: Any) -> torch.nn.Module:
+               strict_config: bool = True, rope_positions: int | None = None,
+               **builder_kwargs: Any) -> torch.nn.Module:
     """Build ``builder`` on meta and fill it from ``checkpoint`` without copying.
 
     ``builder`` is a dotted path, a callable, a DictConfig with ``_component_``, or
@@ -48,8 +50,12 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
     there, the built model is checked against it (RoPE, norms, heads, tying, biases...);
     a difference is a ConversionError, or a warning with ``strict_config=False``.
     ``dtype="auto"`` keeps the stored dtype: on CPU the parameters are then the file's
-    mmap itself. Returns the model in eval mode on ``device``, nothing on meta, with
-    the parsed config.json as ``model.leangen_config`` (None without one).
+    mmap itself (q/k rows stored in another layout than the model's RoPE rotates are
+    permuted, a copy). ``rope_positions`` builds the
+    RoPE cache for that many positions (e.g. the KV-cache length) instead of the
+    builder's ``max_seq_len``; a forward that needs more is an error. Returns the model
+    in eval mode on ``device``, nothing on meta, with the parsed config.json as
+    ``model.leangen_config`` (None without one).
     """
     device = resolve_device(device)
     raw = open_raw(checkpoint)  # headers and config.json only
@@ -63,10 +69,12 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
     model = build_on_meta(builder, **builder_kwargs)
     if config is not None:
         check_model(model, config, strict=strict_config)
-    view = open_checkpoint(raw, model_type=model_type, geometry=Geometry.from_model(model))
+    # q/k rows in another layout than the model's RoPE rotates are permuted per tensor in move.
+    view = open_checkpoint(raw, model_type=model_type, geometry=Geometry.from_model(model),
+                           qk_layout=qk_layout(model))
     dtype = resolve_dtype(dtype, view, device)
     pending = assign(model, view)
-    materialise_buffers(model, device)
+    materialise_buffers(model, device, positions=rope_positions)
     nbytes = sum(t.numel() * dtype.itemsize for t in model.parameters())
     move_to_device(model, pending, device, dtype,
                    progress=device.type != "cpu" and nbytes > _PROGRESS_BYTES)

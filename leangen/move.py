@@ -2,7 +2,8 @@
 
 Host memory stays bounded: CUDA copies go through two fixed pinned buffers
 (``staging_bytes`` in all) with ``non_blocking`` transfers, and the q/k permutation
-and the dtype cast happen per tensor on the device, so no second copy of the model
+(only where the stored row layout differs from the model's RoPE) and the dtype cast
+happen per tensor on the device, so no second copy of the model
 ever exists on the host.
 """
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterable, Iterator
 
 import torch
 
 from leangen.checkpoint import CheckpointPath, RawCheckpoint, open_raw
-from leangen.convert import Entry, Family, Geometry, detect_family, plan
+from leangen.convert import Entry, Family, Geometry, detect_family, plan, stored_layout
 from leangen.errors import ConversionError
 
 # load_tensors' fallbacks for checkpoints that tie the output projection to the embedding.
@@ -16,12 +17,16 @@ TIED_ALIASES = {"output.weight": "tok_embeddings.weight"}
 
 class Checkpoint:
     """A checkpoint under torchtune's names. Listing reads only headers; tensors are
-    mmap views (transformed only where the format needs it, e.g. HF q/k rows)."""
+    mmap views (transformed only where the format needs it, e.g. q/k rows stored in
+    another layout than ``qk_layout``, the one of the model they are for)."""
 
-    def __init__(self, raw: RawCheckpoint, family: Family, geometry: Geometry | None):
+    def __init__(self, raw: RawCheckpoint, family: Family, geometry: Geometry | None,
+                 qk_layout: str | None = None):
         self.raw = raw
         self.family = family
-        self.entries: dict[str, Entry] = plan(raw.names(), raw.shape, raw.dtype, family, geometry)
+        self.stored_layout = stored_layout(raw.names(), family)  # of the q/k rows in the files
+        self.entries: dict[str, Entry] = plan(raw.names(), raw.shape, raw.dtype, family, geometry,
+                                              qk_layout)
 
     @property
     def files(self):
@@ -77,7 +82,7 @@ class Checkpoint:
         head = size // t.permute_heads
         first, last = start // head, -(-stop // head)
         rows = self.stored(name).narrow(0, first * head, (last - first) * head)
-        shard = type(t)(permute_heads=last - first).apply(rows)
+        shard = replace(t, rows=None, permute_heads=last - first).apply(rows)
         return shard.narrow(0, start - first * head, stop - start)
 
     def _entry(self, name: str) -> Entry:
@@ -91,17 +96,20 @@ class Checkpoint:
 
 
 def open_checkpoint(checkpoint: CheckpointPath | RawCheckpoint, *, model_type: str = "auto",
-                    geometry: Geometry | None = None) -> Checkpoint:
+                    geometry: Geometry | None = None, qk_layout: str | None = None) -> Checkpoint:
     """A lazy view of ``checkpoint`` (directory, file, index or list of files, or one
     already opened with ``open_raw``).
 
     ``model_type`` is 'auto' (config.json, else key names), a torchtune ModelType name
     (llama2, llama3, llama3_2, mistral, qwen2, gemma, gemma2, phi3_mini, phi4) or an HF
-    model_type. ``geometry`` defaults to config.json's head counts.
+    model_type. ``geometry`` defaults to config.json's head counts. ``qk_layout`` is
+    the q/k row layout wanted ("rotate_half", "interleaved", or None: the one of
+    torchtune's own RoPE for the family).
     """
     raw = checkpoint if isinstance(checkpoint, RawCheckpoint) else open_raw(checkpoint)
     family = detect_family(model_type, raw.config, raw.names())
-    return Checkpoint(raw, family, geometry or Geometry.from_config(raw.config))
+    return Checkpoint(raw, family, geometry or Geometry.from_config(raw.config),
+                      qk_layout)
 
 
 def load_tensors(checkpoint: CheckpointPath, names: Iterable[str], *,
