@@ -22,7 +22,7 @@ def materialise_buffers(model: torch.nn.Module, device: torch.device, *,
                         positions: int | None = None) -> None:
     ropes = [m for m in model.modules() if callable(getattr(m, "rope_init", None))]
     if positions is not None:
-        _check_positions(positions, ropes)
+        positions = _cache_positions(positions, ropes)
     # Inside the device context every torch.arange/empty in rope_init lands on
     # `device`; rope_init computes in fp32 itself, exactly as an eager build does.
     with torch.device(device):
@@ -37,12 +37,14 @@ def materialise_buffers(model: torch.nn.Module, device: torch.device, *,
         model.register_forward_pre_hook(_position_check(positions), with_kwargs=True)
 
 
-def _check_positions(positions: int, ropes: list[torch.nn.Module]) -> None:
-    most = min((m.max_seq_len for m in ropes if hasattr(m, "max_seq_len")), default=None)
-    if isinstance(positions, bool) or not isinstance(positions, int) or positions < 1 \
-            or (most is not None and positions > most):
-        raise ConfigError(f"rope_positions={positions!r} must be a whole number from 1 to the "
-                          f"model's max_seq_len ({most}). Raise max_seq_len for more positions.")
+def _cache_positions(positions: int, ropes: list[torch.nn.Module]) -> int:
+    """At most the model's own max_seq_len: asking for more (a recipe sizing the cache
+    before it knows the model) keeps the full cache, and the recipe's own length check
+    then says what is too long."""
+    if isinstance(positions, bool) or not isinstance(positions, int) or positions < 1:
+        raise ConfigError(f"rope_positions={positions!r} must be a whole number, at least 1.")
+    most = min((m.max_seq_len for m in ropes if hasattr(m, "max_seq_len")), default=positions)
+    return min(positions, most)
 
 
 def _position_check(positions: int):

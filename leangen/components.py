@@ -91,13 +91,16 @@ def _from_checkpointer(block: DictConfig) -> tuple[list[str], str]:
     return paths, str(block.get("model_type", "auto"))
 
 
-def model_from_config(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
+def model_from_config(cfg: DictConfig, device: torch.device, *,
+                      positions: Optional[int] = None) -> torch.nn.Module:
     """``model: auto`` (the builder config.json describes) or a builder block, which is
-    checked against config.json; ``checkpoint.strict_config: false`` only warns."""
+    checked against config.json; ``checkpoint.strict_config: false`` only warns.
+    ``positions``: the most positions the run will use, so that the RoPE cache holds
+    those rather than the builder's whole context (131072 for Llama 3)."""
     path, model_type = checkpoint_source(cfg)
     strict = cfg.checkpoint.get("strict_config", True) if cfg.get("checkpoint") is not None else True
     return load_model(cfg.model, path, device=device, dtype=cfg.dtype, model_type=model_type,
-                      strict_config=bool(strict))
+                      strict_config=bool(strict), rope_positions=positions)
 
 
 def tokenizer_from_config(cfg: DictConfig):

@@ -89,7 +89,7 @@ class EvalRecipe:
         # the tasks' datasets load now, so a missing one fails before the model loads
         self.task_dict = load_tasks(cfg.lm_eval) if cfg.lm_eval else None
         start = time.perf_counter()
-        self.model = model_from_config(cfg, self.device)
+        self.model = model_from_config(cfg, self.device, positions=cfg.max_seq_len)  # windows, requests
         self.metrics["load_seconds"] = time.perf_counter() - start
         limit, why = context_limit(self.model)
         if cfg.max_seq_len > limit:

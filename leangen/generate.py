@@ -70,7 +70,8 @@ class GenerateRecipe:
         self.tokenizer = tokenizer_from_config(cfg)
         self.prompts = prompts_from_config(cfg, self.tokenizer)  # bad prompts fail before the load
         start = time.perf_counter()
-        self.model = model_from_config(cfg, self.device)
+        longest = max(len(p.tokens) for p in self.prompts) + cfg.max_new_tokens  # the largest KV cache
+        self.model = model_from_config(cfg, self.device, positions=longest)
         self.metrics["load_seconds"] = time.perf_counter() - start
         check_fits(self.model, [p.tokens for p in self.prompts], cfg.max_new_tokens)
         self.decode_forward = torch.compile(self.model) if cfg.compile else None

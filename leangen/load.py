@@ -51,9 +51,9 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
     a difference is a ConversionError, or a warning with ``strict_config=False``.
     ``dtype="auto"`` keeps the stored dtype: on CPU the parameters are then the file's
     mmap itself (q/k rows stored in another layout than the model's RoPE rotates are
-    permuted, a copy). ``rope_positions`` builds the
-    RoPE cache for that many positions (e.g. the KV-cache length) instead of the
-    builder's ``max_seq_len``; a forward that needs more is an error. Returns the model
+    permuted, a copy). ``rope_positions`` builds the RoPE cache for that many
+    positions (e.g. the KV-cache length; at most the builder's ``max_seq_len``) instead
+    of the builder's ``max_seq_len``; a forward that needs more is an error. Returns the model
     in eval mode on ``device``, nothing on meta, with the parsed config.json as
     ``model.leangen_config`` (None without one).
     """

@@ -94,10 +94,18 @@ def test_rope_positions_check_the_forward(tiny_checkpoint):
         model(ids[:, :2], input_pos=torch.tensor([[3, 15]]))  # within the cache
 
 
-@pytest.mark.parametrize("positions", [0, -1, 513, 2.5, True])
+def test_rope_positions_past_the_model_keep_the_full_cache(tiny_checkpoint):
+    path, builder, kwargs, _ = tiny_checkpoint("llama")
+    full = leangen.load_model(builder, path, **kwargs)
+    model = leangen.load_model(builder, path, rope_positions=10_000, **kwargs)
+    for (name, buffer), (_, want) in zip(model.named_buffers(), full.named_buffers()):
+        assert torch.equal(buffer, want), name
+
+
+@pytest.mark.parametrize("positions", [0, -1, 2.5, True])
 def test_bad_rope_positions(tiny_checkpoint, positions):
     path, builder, kwargs, _ = tiny_checkpoint("llama")
-    with pytest.raises(ConfigError, match=r"rope_positions=.*from 1 to the model's max_seq_len \(512\)"):
+    with pytest.raises(ConfigError, match=r"rope_positions=.* must be a whole number, at least 1"):
         leangen.load_model(builder, path, rope_positions=positions, **kwargs)
 
 
