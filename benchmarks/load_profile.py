@@ -2,9 +2,11 @@
 
     python benchmarks/load_profile.py BUILDER CHECKPOINT_DIR [--dtype bf16] [--builder-kwargs JSON]
 
-Prints one JSON object. It calls the same stage functions, in the same order, as
-``leangen.load_model``, so that where a load's time and memory go is measured, not
-guessed: the q/k permutation copies and the RoPE cache show up as their own rows.
+Prints one JSON object. It runs ``leangen.load_model`` itself and records each stage
+through its ``on_stage`` callback, so that where a load's time and memory go is
+measured, not guessed, and cannot drift from the real load: the RoPE cache and any
+q/k permutation copies (none for HF rotate-half files: see ``leangen.rope``) show up
+as their own rows.
 Run it in a fresh process (run.py does) so that imports and anonymous memory start
 from nothing.
 """
@@ -35,28 +37,12 @@ def profile(builder: str, checkpoint: str, dtype: str, builder_kwargs: dict) -> 
     mark("interpreter")
     import torch  # noqa: F401
 
-    from leangen.buffers import check_no_meta, materialise_buffers
-    from leangen.convert import Geometry
-    from leangen.load import assign, build_on_meta, resolve_device, resolve_dtype
-    from leangen.move import move_to_device
-    from leangen.view import open_checkpoint
+    import leangen
     mark("import torch + leangen (torchtune, torchao)")
 
-    device = resolve_device("cpu")
-    model = build_on_meta(builder, **builder_kwargs)
-    mark("build on meta")
-    view = open_checkpoint(checkpoint, geometry=Geometry.from_model(model))
-    resolved = resolve_dtype(dtype, view, device)
-    mark("open checkpoint (headers, key plan)")
-    pending = assign(model, view)
-    mark("assign mmap views")
-    materialise_buffers(model, device)
-    rope = sum(b.numel() * b.element_size() for b in model.buffers())
-    mark("buffers (rope_init)", bytes=rope)
-    copied = sum(view.shape(n).numel() * resolved.itemsize for n in pending)
-    move_to_device(model, pending, device, resolved)
-    check_no_meta(model)
-    mark("move: q/k permutation and casts", bytes=copied, tensors=len(pending))
+    model = leangen.load_model(builder, checkpoint, device="cpu", dtype=dtype, on_stage=mark,
+                               **builder_kwargs)
+    resolved = next(model.parameters()).dtype
     load = sum(s["seconds"] for s in stages[2:])
     return {"stages": stages, "load_seconds": load, "dtype": str(resolved)}
 

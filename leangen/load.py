@@ -17,10 +17,12 @@ from leangen.convert import Geometry, Transform
 from leangen.errors import ConfigError, ConversionError, LeangenError
 from leangen.hf_config import builder_for, check_model, parse_config
 from leangen.move import move_to_device
-from leangen.rope import qk_layout
+from leangen.rope import match_stored_layout, qk_layout
 from leangen.view import Checkpoint, open_checkpoint
 
 Builder = Union[str, Callable[..., torch.nn.Module], DictConfig]
+# Called after each stage of load_model with the stage's name and what it made (bytes, tensors).
+OnStage = Callable[..., None]
 
 DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -40,7 +42,7 @@ _PROGRESS_BYTES = 1 << 30
 def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | torch.device = "cpu",
                dtype: str | torch.dtype = "auto", model_type: str = "auto",
                strict_config: bool = True, rope_positions: int | None = None,
-               **builder_kwargs: Any) -> torch.nn.Module:
+               on_stage: OnStage | None = None, **builder_kwargs: Any) -> torch.nn.Module:
     """Build ``builder`` on meta and fill it from ``checkpoint`` without copying.
 
     ``builder`` is a dotted path, a callable, a DictConfig with ``_component_``, or
@@ -50,10 +52,16 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
     there, the built model is checked against it (RoPE, norms, heads, tying, biases...);
     a difference is a ConversionError, or a warning with ``strict_config=False``.
     ``dtype="auto"`` keeps the stored dtype: on CPU the parameters are then the file's
-    mmap itself (q/k rows stored in another layout than the model's RoPE rotates are
-    permuted, a copy). ``rope_positions`` builds the RoPE cache for that many
-    positions (e.g. the KV-cache length; at most the builder's ``max_seq_len``) instead
-    of the builder's ``max_seq_len``; a forward that needs more is an error. Returns the model
+    mmap itself, q/k included: for HF's rotate-half q/k rows the model's torchtune RoPE
+    is wrapped in ``leangen.rope.RotateHalf`` instead of the rows being permuted (rows
+    stored in a layout the model's RoPE still differs from are permuted, a copy). The
+    model's ``state_dict()`` is therefore leangen's own: torchtune names, q/k rows as
+    stored (HF's rotate-half layout for an HF folder), not torchtune's interleaved
+    layout; ``load_tensors`` gives torchtune's. ``rope_positions`` builds the RoPE cache
+    for that many positions (e.g. the KV-cache length; at most the builder's
+    ``max_seq_len``) instead of the builder's ``max_seq_len``; a forward that needs more
+    is an error. ``on_stage``, if given, is called after each stage as
+    ``on_stage(name, **made)`` (``benchmarks/load_profile.py`` times them). Returns the model
     in eval mode on ``device``, nothing on meta, with the parsed config.json as
     ``model.leangen_config`` (None without one).
     """
@@ -66,19 +74,29 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
                               f"{raw.files[0]}. Name a torchtune builder instead.")
         builder, auto_kwargs = builder_for(config)
         builder_kwargs = {**auto_kwargs, **builder_kwargs}
+    mark = on_stage or (lambda stage, **made: None)
     model = build_on_meta(builder, **builder_kwargs)
     if config is not None:
         check_model(model, config, strict=strict_config)
-    # q/k rows in another layout than the model's RoPE rotates are permuted per tensor in move.
-    view = open_checkpoint(raw, model_type=model_type, geometry=Geometry.from_model(model),
-                           qk_layout=qk_layout(model))
+    mark("build on meta")
+    geometry = Geometry.from_model(model)
+    # q/k stay as stored: for HF's rotate-half rows the model's RoPE rotates halves
+    # (RotateHalf). Rows in a layout the model's RoPE still differs from are permuted per
+    # tensor in move.
+    match_stored_layout(model, open_checkpoint(raw, model_type=model_type, geometry=geometry).stored_layout)
+    view = open_checkpoint(raw, model_type=model_type, geometry=geometry, qk_layout=qk_layout(model))
     dtype = resolve_dtype(dtype, view, device)
+    mark("open checkpoint (headers, key plan, RoPE layout)")
     pending = assign(model, view)
+    mark("assign mmap views")
     materialise_buffers(model, device, positions=rope_positions)
+    mark("buffers (rope_init)", bytes=sum(b.numel() * b.element_size() for b in model.buffers()))
     nbytes = sum(t.numel() * dtype.itemsize for t in model.parameters())
+    copied = sum(view.shape(n).numel() * dtype.itemsize for n in pending)
     move_to_device(model, pending, device, dtype,
                    progress=device.type != "cpu" and nbytes > _PROGRESS_BYTES)
     check_no_meta(model)
+    mark("move: q/k permutation and casts", bytes=copied, tensors=len(pending))
     model.leangen_config = config
     return model.eval().requires_grad_(False)
 

@@ -18,7 +18,8 @@ TIED_ALIASES = {"output.weight": "tok_embeddings.weight"}
 class Checkpoint:
     """A checkpoint under torchtune's names. Listing reads only headers; tensors are
     mmap views (transformed only where the format needs it, e.g. q/k rows stored in
-    another layout than ``qk_layout``, the one of the model they are for)."""
+    another layout than ``qk_layout``: the one asked for, by default torchtune's for
+    the family; ``load_model`` asks for its model's RoPE layout)."""
 
     def __init__(self, raw: RawCheckpoint, family: Family, geometry: Geometry | None,
                  qk_layout: str | None = None):
@@ -102,9 +103,15 @@ def open_checkpoint(checkpoint: CheckpointPath | RawCheckpoint, *, model_type: s
 
     ``model_type`` is 'auto' (config.json, else key names), a torchtune ModelType name
     (llama2, llama3, llama3_2, mistral, qwen2, gemma, gemma2, phi3_mini, phi4) or an HF
-    model_type. ``geometry`` defaults to config.json's head counts. ``qk_layout`` is
-    the q/k row layout wanted ("rotate_half", "interleaved", or None: the one of
-    torchtune's own RoPE for the family).
+    model_type. ``geometry`` defaults to config.json's head counts.
+
+    Tensors come under torchtune's names, with q/k rows in the layout ``qk_layout``
+    asks for: "rotate_half" (HF's), "interleaved" (Meta's), or None (the default):
+    torchtune's layout for the family, what torchtune's own ``convert_weights`` gives
+    (interleaved for Llama, Mistral, Gemma; rotate-half for Qwen2, Phi-3). Rows stored
+    in another layout are permuted, a copy. ``load_model`` asks for its model's RoPE
+    layout instead, so an HF model's q/k there are the stored rows
+    (``Checkpoint.stored_layout``).
     """
     raw = checkpoint if isinstance(checkpoint, RawCheckpoint) else open_raw(checkpoint)
     family = detect_family(model_type, raw.config, raw.names())
@@ -112,10 +119,15 @@ def open_checkpoint(checkpoint: CheckpointPath | RawCheckpoint, *, model_type: s
                       qk_layout)
 
 
-def load_tensors(checkpoint: CheckpointPath, names: Iterable[str], *,
-                 model_type: str = "auto") -> dict[str, torch.Tensor]:
-    """Selected tensors by torchtune name, without building a model or reading others."""
-    view = open_checkpoint(checkpoint, model_type=model_type)
+def load_tensors(checkpoint: CheckpointPath, names: Iterable[str], *, model_type: str = "auto",
+                 qk_layout: str | None = None) -> dict[str, torch.Tensor]:
+    """Selected tensors by torchtune name, without building a model or reading others.
+
+    q/k rows come in ``qk_layout`` (as in ``open_checkpoint``): by default torchtune's
+    layout for the family, as torchtune's converters give them, which for an HF Llama
+    is not the rotate-half rows of ``load_model``'s model (pass "rotate_half" for those).
+    """
+    view = open_checkpoint(checkpoint, model_type=model_type, qk_layout=qk_layout)
     return {name: view.tensor(_tied_fallback(view, name)) for name in names}
 
 

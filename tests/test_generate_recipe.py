@@ -199,15 +199,18 @@ def test_compile_gives_the_same_tokens_on_cpu(capsys, tmp_path):
 
 
 def _converted_demo(tmp_path, layout):
-    """The demo's weights re-saved as torchtune's own (.pt) or Meta's (consolidated.00.pth)."""
-    import leangen
-    from torchtune.models.convert_weights import tune_to_meta
+    """The demo's weights re-saved as torchtune's own (.pt) or Meta's (consolidated.00.pth),
+    converted from its HF safetensors by torchtune's convert_weights, as torchtune does."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+    from torchtune.models.convert_weights import hf_to_tune, tune_to_meta
 
     from leangen.config import resolve_config_path
-    from omegaconf import OmegaConf
 
-    builder = OmegaConf.load(resolve_config_path("demo")).model
-    state = {k: v.clone() for k, v in leangen.load_model(builder, demo_dir()).state_dict().items()}
+    model = OmegaConf.load(resolve_config_path("demo")).model
+    state = hf_to_tune(load_file(demo_dir() / "model.safetensors"), num_heads=model.num_heads,
+                       num_kv_heads=model.num_kv_heads, dim=model.embed_dim)
+    state = {k: v.clone() for k, v in state.items()}
     folder = tmp_path / layout
     folder.mkdir()
     name = {"torchtune": "model.pt", "meta": "consolidated.00.pth"}[layout]

@@ -8,10 +8,11 @@ from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
 from torchtune.models.qwen2._positional_embeddings import Qwen2RotaryPositionalEmbeddings
 from torchtune.modules import RotaryPositionalEmbeddings
 
+import leangen
 from leangen.convert import INTERLEAVED, ROTATE_HALF, Transform
 from leangen.load import build_on_meta
 from leangen.rope import RotateHalf, match_stored_layout, qk_layout
-from tiny_models import FAMILIES
+from tiny_models import FAMILIES, assert_logits_close, hf_logits, tokens, tune_logits
 
 HEAD_DIM = 16
 
@@ -86,3 +87,26 @@ def test_interleaved_files_and_rotate_half_models_keep_their_rope():
     match_stored_layout(qwen, ROTATE_HALF)
     assert type(qwen.layers[0].attn.pos_embeddings) is Qwen2RotaryPositionalEmbeddings
     assert qk_layout(qwen) == ROTATE_HALF
+
+
+@pytest.mark.parametrize("family,inner", [("llama", RotaryPositionalEmbeddings), ("mistral", RotaryPositionalEmbeddings),
+                                          ("gemma", RotaryPositionalEmbeddings), ("llama3_2", Llama3ScaledRoPE)])
+def test_a_loaded_hf_model_rotates_halves(tiny_checkpoint, family, inner):
+    """load_model keeps HF's q/k rows and wraps the builder's interleaved RoPE in RotateHalf."""
+    path, builder, kwargs, _ = tiny_checkpoint(family)
+    model = leangen.load_model(builder, path, **kwargs)
+    ropes = {id(layer.attn.pos_embeddings) for layer in model.layers}
+    rope = model.layers[0].attn.pos_embeddings
+    assert len(ropes) == 1 and type(rope) is RotateHalf and type(rope.rope) is inner
+    assert rope.rope.cache.device.type == "cpu" and qk_layout(model) == ROTATE_HALF
+
+
+def test_a_torchtune_format_file_keeps_torchtune_rope(tiny_checkpoint, tmp_path):
+    """torchtune's own layout (load_tensors' default) is loaded as is, with the stock RoPE."""
+    path, builder, kwargs, hf_model = tiny_checkpoint("llama3_2")
+    view = leangen.open_checkpoint(path)
+    torch.save({n: view.tensor(n).clone() for n in view}, tmp_path / "model.pt")
+    model = leangen.load_model(builder, tmp_path / "model.pt", **kwargs)
+    assert type(model.layers[0].attn.pos_embeddings) is Llama3ScaledRoPE
+    ids = tokens(64)
+    assert_logits_close(tune_logits(model, ids), hf_logits(hf_model, ids))

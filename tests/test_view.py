@@ -10,7 +10,11 @@ from safetensors.torch import load_file, save_file
 
 import leangen
 from leangen import ConversionError
-from tiny_models import HIDDEN, INTERMEDIATE, KV_HEADS, VOCAB, assert_logits_close, hf_logits, tokens, tune_logits
+from leangen.convert import ROTATE_HALF
+from leangen.rope import qk_layout
+from tiny_models import (
+    HIDDEN, INTERMEDIATE, KV_HEADS, VOCAB, assert_logits_close, hf_logits, hf_state_dict, tokens, tune_logits,
+)
 
 
 def test_load_tensors_embedding_and_output(tiny_checkpoint):
@@ -35,14 +39,46 @@ def test_load_tensors_bin(tiny_checkpoint):
     assert torch.equal(got["layers.1.mlp.w3.weight"], hf_model.model.layers[1].mlp.up_proj.weight)
 
 
+QKV = ["layers.1.attn.q_proj.weight", "layers.1.attn.k_proj.weight", "layers.1.attn.v_proj.weight"]
+
+
+def _torchtune_converted(family: str, path, config) -> dict[str, torch.Tensor]:
+    """The HF files as torchtune's own convert_weights turns them into a torchtune state dict."""
+    from torchtune.models.convert_weights import hf_to_tune
+    from torchtune.models.phi3._convert_weights import phi3_hf_to_tune
+    from torchtune.models.qwen2._convert_weights import qwen2_hf_to_tune
+
+    convert = {"phi3": phi3_hf_to_tune, "qwen2": qwen2_hf_to_tune}.get(family, hf_to_tune)
+    kwargs = {"head_dim": getattr(config, "head_dim", None)} if convert is not phi3_hf_to_tune else {}
+    return convert(hf_state_dict(path), num_heads=config.num_attention_heads,
+                   num_kv_heads=config.num_key_value_heads, dim=config.hidden_size, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["llama", "llama3_2", "gemma", "phi3", "qwen2"])
+def test_load_tensors_qk_default_to_torchtune_conversion(tiny_checkpoint, family):
+    """By default q/k come in torchtune's layout, exactly as torchtune's converters give them."""
+    path, _, _, hf_model = tiny_checkpoint(family)
+    expected = _torchtune_converted(family, path, hf_model.config)
+    got = leangen.load_tensors(path, QKV)
+    for name in QKV:
+        assert torch.equal(got[name], expected[name]), name
+
+
 @pytest.mark.parametrize("family", ["llama", "llama3_2", "gemma", "phi3", "qwen2"])
 def test_load_tensors_qk_equal_the_loaded_model(tiny_checkpoint, family):
-    path, builder, kwargs, _ = tiny_checkpoint(family)
+    """Asked for the loaded model's RoPE layout, load_tensors gives its q/k (the stored HF rows)."""
+    path, builder, kwargs, hf_model = tiny_checkpoint(family)
     model = leangen.load_model(builder, path, **kwargs)
-    names = ["layers.1.attn.q_proj.weight", "layers.1.attn.k_proj.weight", "layers.1.attn.v_proj.weight"]
-    got = leangen.load_tensors(path, names)
-    for name in names:
+    assert qk_layout(model) == ROTATE_HALF  # HF rows: RotateHalf, or the family's own RoPE
+    got = leangen.load_tensors(path, QKV, qk_layout=qk_layout(model))
+    for name in QKV:
         assert torch.equal(got[name], model.get_parameter(name)), name
+    hf_q = hf_model.model.layers[1].self_attn
+    if family != "phi3":  # phi3 stores a fused qkv_proj
+        assert torch.equal(got[QKV[0]], hf_q.q_proj.weight)
+    # torchtune's own layout (the default) differs from the model's where torchtune interleaves.
+    default = leangen.load_tensors(path, QKV[:1])[QKV[0]]
+    assert torch.equal(default, got[QKV[0]]) == (family in ("phi3", "qwen2"))
 
 
 def test_load_tensors_unknown_name(tiny_checkpoint):
@@ -162,5 +198,9 @@ def test_embedding_loads_from_an_hf_folder_without_config_json(tmp_path, tiny_ch
     torch.testing.assert_close(embed, ckpt.hf_model.model.embed_tokens.weight)
     view = leangen.open_checkpoint(bare)
     assert view.shape("layers.0.attn.q_proj.weight") == ckpt.hf_model.model.layers[0].self_attn.q_proj.weight.shape
+    # torchtune's layout (the default) is a permutation within heads, which needs head counts...
     with pytest.raises(ConversionError, match="layers.0.attn.q_proj.weight.*head counts"):
         view.tensor("layers.0.attn.q_proj.weight")
+    # ...the stored rotate-half layout does not: the rows as stored.
+    q = leangen.load_tensors(bare, ["layers.0.attn.q_proj.weight"], qk_layout=ROTATE_HALF)
+    assert torch.equal(q["layers.0.attn.q_proj.weight"], ckpt.hf_model.model.layers[0].self_attn.q_proj.weight)
