@@ -71,6 +71,26 @@ class ChatTemplate:
             raise ConfigError(f"the chat template in {self.where} refused the prompt: {e}") from e
 
 
+def _generation_blocks():
+    """``{% generation %}...{% endgeneration %}``, which transformers' templates may use to
+    mark the assistant's tokens for training masks: for a prompt, the body as it is."""
+    import jinja2
+    from jinja2.ext import Extension
+
+    class GenerationBlocks(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    return GenerationBlocks
+
+
 @lru_cache(maxsize=8)
 def _compile(source: str):
     import jinja2
@@ -87,7 +107,8 @@ def _compile(source: str):
     def strftime_now(format):
         return datetime.now().strftime(format)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols, _generation_blocks()])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now

@@ -106,11 +106,14 @@ def tokenize(prompt: str | list[dict], tokenizer, *, add_bos: str | bool = "auto
     if messages[-1].role != "assistant":  # an empty assistant turn starts the reply
         messages.append(Message(role="assistant", content=""))
     tokens = list(tokenizer({"messages": messages}, inference=True)["tokens"])
-    # torchtune's Qwen2Tokenizer ends even an inference prompt with <|im_end|>: a chat
-    # prompt must end with the assistant's header, never with an end of turn
-    stops = set(tokenizer.stop_tokens)
-    while tokens and tokens[-1] in stops:
-        tokens.pop()
+    if getattr(tokenizer, "chat_template", None) is None:
+        # torchtune's own formats: its Qwen2Tokenizer ends even an inference prompt with
+        # <|im_end|>, and a chat prompt must end with the assistant's header, never with an
+        # end of turn. A model's own template is left exactly as transformers renders it
+        # (Phi-3's legitimately ends in <|assistant|>, one of its stop tokens).
+        stops = set(tokenizer.stop_tokens)
+        while tokens and tokens[-1] in stops:
+            tokens.pop()
     return Prompt(prompt, tokens, raw=False)
 
 

@@ -3,6 +3,7 @@ and never ending with an end-of-turn token."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,7 @@ def test_globals_and_filters_as_in_transformers(tmp_path, llama_folder):
     folder = _copy(llama_folder, tmp_path)
     template = ("{% set ns = namespace(n=0) %}{% for m in messages %}{% if m.role == 'system' %}{% continue %}"
                 "{% endif %}{% set ns.n = ns.n + 1 %}{{ m | tojson }}{% endfor %}"
-                "{{ ns.n }}{{ strftime_now('%Y')[:0] }}{% if add_generation_prompt %}<|eot_id|>!{% endif %}")
+                "{{ ns.n }}{{ strftime_now('%Y') }}{% if add_generation_prompt %}<|eot_id|>!{% endif %}")
     (folder / "chat_template.jinja").write_text(template)
     messages = SYSTEM_USER + [{"role": "user", "content": "<b>&'é 日本</b>"}]
     assert tokenize(messages, HFTokenizer(folder)).tokens == _hf_chat_ids(folder, messages)
@@ -113,5 +114,30 @@ def test_torchtune_qwen2_prompt_has_no_trailing_end_of_turn(vocab_merges_folder)
                                   Message(role="assistant", content="")]}, inference=True)["tokens"]
     assert raw[-1] in tokenizer.stop_tokens  # torchtune's Qwen2Tokenizer ignores inference=True
     tokens = tokenize(messages, tokenizer).tokens
-    assert tokens == raw[:len(tokens)] and tokens[-1] not in tokenizer.stop_tokens
+    assert tokens == raw[:-1] and tokens[-1] not in tokenizer.stop_tokens
     assert tokenizer.decode(tokens, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
+
+
+def test_a_template_that_ends_in_a_stop_token_is_kept_as_transformers_renders_it(tmp_path, llama_folder):
+    """Phi-3's generation prompt is <|assistant|>, one of its generation_config stop tokens:
+    only torchtune's own formats lose a trailing stop token, never a model's template."""
+    folder = _copy(llama_folder, tmp_path)
+    (folder / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ '<|start_header_id|>' + m.content + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|end_header_id|>' }}{% endif %}")
+    config = json.loads((folder / "generation_config.json").read_text())
+    end_header = _hf(folder).convert_tokens_to_ids("<|end_header_id|>")
+    _edit_json(folder / "generation_config.json", eos_token_id=config["eos_token_id"] + [end_header])
+    ours = HFTokenizer(folder)
+    tokens = tokenize(SYSTEM_USER, ours).tokens
+    assert tokens[-1] == end_header and end_header in ours.stop_tokens
+    assert tokens == _hf_chat_ids(folder, SYSTEM_USER)
+
+
+def test_generation_blocks_render_their_body_as_in_transformers(tmp_path, llama_folder):
+    folder = _copy(llama_folder, tmp_path)
+    (folder / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}"
+        "{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}")
+    messages = SYSTEM_USER + [{"role": "assistant", "content": "vo ze"}, {"role": "user", "content": "sa"}]
+    assert tokenize(messages, HFTokenizer(folder)).tokens == _hf_chat_ids(folder, messages)
