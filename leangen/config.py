@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import typing
@@ -150,6 +151,8 @@ def copy_config(name: str, dest: str) -> Path:
     like ``tune cp``, an existing file is never overwritten."""
     source = resolve_config_path(name)
     target = Path(dest).expanduser()
+    if dest.endswith(("/", os.sep)) and not target.is_dir():  # Path() drops the slash
+        raise ConfigError(f"--copy-config: the folder '{dest}' does not exist.")
     if target.is_dir():
         target = target / source.name
     if target.exists():
@@ -180,9 +183,9 @@ def help_text(schema: type) -> str:
 
 
 def _key_lines(schema: type, prefix: str = "") -> list[str]:
-    lines = []
+    lines, hints = [], typing.get_type_hints(schema)
     for f in fields(schema):
-        nested = _dataclass_of(f.type)
+        nested = _dataclass_of(hints[f.name])
         default = f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
         shown = "???" if default is MISSING else json.dumps(default, default=str)
         lines.append(f"  {prefix + f.name:<28} {shown:<14} {f.metadata.get('help', '')}".rstrip())
@@ -216,11 +219,12 @@ def validate(cfg: DictConfig, schema: type, *, source: str = "config") -> DictCo
 
 def _lists_from_scalars(cfg: DictConfig, schema: type) -> None:
     """One value where the schema wants a list is a list of one: ``lm_eval.tasks=arc_easy``."""
+    hints = typing.get_type_hints(schema)  # real types even under `from __future__ import annotations`
     for f in fields(schema):
         value = cfg.get(f.name) if isinstance(cfg, DictConfig) and f.name in cfg else None
-        if _is_list_type(f.type) and isinstance(value, (str, int, float)):
+        if _is_list_type(hints[f.name]) and isinstance(value, (str, int, float)):
             cfg[f.name] = [value]
-        nested = _dataclass_of(f.type)
+        nested = _dataclass_of(hints[f.name])
         if nested and OmegaConf.is_dict(value):
             _lists_from_scalars(value, nested)
 
@@ -232,8 +236,8 @@ def _is_list_type(annotation: Any) -> bool:
 def _unknown_key(full_key: str, schema: type) -> str:
     *parents, leaf = full_key.split(".")
     for parent in parents:  # the block the key is in
-        block = next((f for f in fields(schema) if f.name == parent), None)
-        schema = (_dataclass_of(block.type) if block else None) or schema
+        hint = typing.get_type_hints(schema).get(parent)
+        schema = (_dataclass_of(hint) if hint else None) or schema
     known = [f.name for f in fields(schema)]
     close = difflib.get_close_matches(leaf, known, n=1)
     hint = f"Did you mean '{'.'.join([*parents, close[0]])}'?" if close else f"Valid keys here: {', '.join(known)}."
@@ -264,14 +268,16 @@ def _one_line(e: Exception) -> str:
 
 
 def run_recipe(main: Callable[[list[str]], Any]) -> Callable[[list[str] | None], int]:
-    """Wrap a recipe's main: user errors print one line and exit 1, Ctrl-C one line and
-    exit 130, no traceback unless LEANGEN_DEBUG=1. Known third-party noise is silenced
-    so that stderr holds only leangen's summary."""
+    """Wrap a recipe's main: user errors print one line and exit 1; Ctrl-C (SIGINT) and
+    `kill` (SIGTERM) print one line, keep what was finished, and exit 128 + the signal;
+    no traceback unless LEANGEN_DEBUG=1. Known third-party noise is silenced so that
+    stderr holds only leangen's summary."""
 
     @functools.wraps(main)
     def wrapper(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:] if argv is None else argv
         quiet_known_warnings()
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             main(argv)
         except (LeangenError, FileNotFoundError, KeyboardInterrupt) as e:
@@ -279,19 +285,36 @@ def run_recipe(main: Callable[[list[str]], Any]) -> Callable[[list[str] | None],
                 raise
             # one line whatever the message holds (torchtune's errors span several)
             print(_error_line(e), file=sys.stderr, flush=True)
-            return INTERRUPTED_EXIT if isinstance(e, (KeyboardInterrupt, Interrupted)) else 1
+            return _exit_code(e)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         return 0
 
     return wrapper
 
 
-# What a shell reports for a process ended by SIGINT (128 + 2).
-INTERRUPTED_EXIT = 130
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be, so the same code keeps finished results."""
+
+    signum = signal.SIGTERM
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def _exit_code(e: BaseException) -> int:
+    """128 + the signal for an interrupted run (130 for Ctrl-C, 143 for SIGTERM), as a
+    shell reports a process the signal ended; 1 for an error."""
+    cause = e.__cause__ if isinstance(e, Interrupted) else e
+    if isinstance(cause, KeyboardInterrupt):
+        return 128 + getattr(cause, "signum", signal.SIGINT)
+    return 1
 
 
 def _error_line(e: BaseException) -> str:
     if isinstance(e, KeyboardInterrupt):
-        return "interrupted (Ctrl-C)."
+        return "interrupted (SIGTERM)." if isinstance(e, Terminated) else "interrupted (Ctrl-C)."
     prefix = "interrupted" if isinstance(e, Interrupted) else "error"
     return f"{prefix}: " + " ".join(str(e).split())
 

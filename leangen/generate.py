@@ -48,7 +48,8 @@ class GenerateConfig(ModelKeys):
     top_p: Optional[float] = config_key(None, "nucleus sampling mass (null: off)")
     enable_kv_cache: bool = config_key(True, "decode with a KV cache sized to need")
     compile: bool = config_key(False, "torch.compile the decode step")
-    output_file: Optional[str] = config_key(None, "jsonl, a record a prompt, written as each finishes")
+    output_file: Optional[str] = config_key(None, "jsonl, a record a prompt; each saved as it finishes, "
+                                           "renamed into place at the end")
     metrics_file: Optional[str] = config_key(None, "JSON with the run's figures")
     # Accepted so that torchtune's own generation configs run unchanged:
     output_dir: Optional[str] = config_key(None, "accepted from torchtune configs; never written to")

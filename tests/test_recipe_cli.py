@@ -45,7 +45,8 @@ def test_help_lists_every_key_with_its_default_and_the_packaged_configs(capsys, 
     defaults = {line.split()[0]: line.split()[1] for line in out.splitlines()
                 if line.startswith("  ") and len(line.split()) > 1}
     assert defaults["dtype"] == '"auto"' and defaults["threads"] == "null"
-    assert defaults.get("max_new_tokens", "300") == "300" and defaults.get("max_seq_len", "2048") == "2048"
+    own = {GenerateConfig: ("max_new_tokens", "300"), EvalConfig: ("max_seq_len", "2048")}[schema]
+    assert defaults[own[0]] == own[1]
     assert ("demo" if schema is GenerateConfig else "eval_demo") in keys
 
 
@@ -65,6 +66,12 @@ def test_copy_config_copies_and_never_overwrites(capsys, tmp_path):
     code, _, err = run(capsys, "--copy-config", "demo", str(copied))
     assert code == 1 and err == f"error: --copy-config: '{copied}' already exists; choose another destination.\n"
     assert copied.read_text() == resolve_config_path("mistral7b").read_text()
+
+
+def test_copy_config_into_a_missing_folder_is_refused(capsys, tmp_path):
+    code, _, err = run(capsys, "--copy-config", "demo", f"{tmp_path}/new/")
+    assert code == 1 and "the folder" in err and "does not exist" in err
+    assert not (tmp_path / "new").exists()
 
 
 def test_tune_run_passes_help_through(tmp_path):
@@ -133,7 +140,8 @@ def test_read_only_output_fails_before_the_model_loads(capsys, read_only_dir, ke
 
 # -- Ctrl-C -----------------------------------------------------------------------
 
-def test_ctrl_c_exits_130_with_one_line_and_keeps_the_finished_completions(tmp_path):
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_kill_exits_with_one_line_and_keeps_the_finished_completions(tmp_path, signum, code):
     prompts = [f"{word} one two" for word in ("three", "seven", "eleven", "twenty")] * 100
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     out = tmp_path / "out.jsonl"
@@ -149,12 +157,12 @@ def test_ctrl_c_exits_130_with_one_line_and_keeps_the_finished_completions(tmp_p
                 break
             printed += line == "\n"
         assert printed == 3, proc.stderr.read()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     saved = [json.loads(line) for line in out.read_text().splitlines()]
-    assert proc.returncode == 130
+    assert proc.returncode == code
     assert err == (f"interrupted: {len(saved)} of {len(prompts)} completions were finished; "
                    f"they are in {out}.\n")
     assert 3 <= len(saved) < len(prompts)
