@@ -17,6 +17,7 @@ from leangen.convert import Geometry, Transform
 from leangen.errors import ConfigError, ConversionError, LeangenError
 from leangen.hf_config import builder_for, check_model, parse_config
 from leangen.move import move_to_device
+from leangen.quantize import QuantSetting, Quantizer
 from leangen.rope import match_stored_layout, qk_layout
 from leangen.view import Checkpoint, open_checkpoint
 
@@ -42,7 +43,8 @@ _PROGRESS_BYTES = 1 << 30
 def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | torch.device = "cpu",
                dtype: str | torch.dtype = "auto", model_type: str = "auto",
                strict_config: bool = True, rope_positions: int | None = None,
-               on_stage: OnStage | None = None, **builder_kwargs: Any) -> torch.nn.Module:
+               on_stage: OnStage | None = None, quantize: QuantSetting = None,
+               **builder_kwargs: Any) -> torch.nn.Module:
     """Build ``builder`` on meta and fill it from ``checkpoint`` without copying.
 
     ``builder`` is a dotted path, a callable, a DictConfig with ``_component_``, or
@@ -61,9 +63,14 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
     for that many positions (e.g. the KV-cache length; at most the builder's
     ``max_seq_len``) instead of the builder's ``max_seq_len``; a forward that needs more
     is an error. ``on_stage``, if given, is called after each stage as
-    ``on_stage(name, **made)`` (``benchmarks/load_profile.py`` times them). Returns the model
-    in eval mode on ``device``, nothing on meta, with the parsed config.json as
-    ``model.leangen_config`` (None without one).
+    ``on_stage(name, **made)`` (``benchmarks/load_profile.py`` times them). ``quantize``
+    (None, "int8", "int4" or a ``leangen.quantize.QuantSpec``) quantizes every Linear,
+    the output projection included (a tied one gets its own quantized copy; the embedding
+    stays as stored), weight-only with torchao, layer by layer as the tensors are moved,
+    so the full-precision model is never resident; ``model.leangen_quantized`` is then
+    ``{"quantized": n, "skipped": m}`` (skipped: int4 layers that no group of 128/64/32
+    divides, or that the CPU kernel cannot pack; they stay full precision), else None. Returns the model in eval mode on ``device``, nothing on meta,
+    with the parsed config.json as ``model.leangen_config`` (None without one).
     """
     device = resolve_device(device)
     raw = open_raw(checkpoint)  # headers and config.json only
@@ -86,6 +93,7 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
     match_stored_layout(model, open_checkpoint(raw, model_type=model_type, geometry=geometry).stored_layout)
     view = open_checkpoint(raw, model_type=model_type, geometry=geometry, qk_layout=qk_layout(model))
     dtype = resolve_dtype(dtype, view, device)
+    quantizer = Quantizer.for_load(quantize, device, dtype)  # None: keep full precision
     mark("open checkpoint (headers, key plan, RoPE layout)")
     pending = assign(model, view)
     mark("assign mmap views")
@@ -93,7 +101,8 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
     mark("buffers (rope_init)", bytes=sum(b.numel() * b.element_size() for b in model.buffers()))
     nbytes = sum(t.numel() * dtype.itemsize for t in model.parameters())
     copied = sum(view.shape(n).numel() * dtype.itemsize for n in pending)
-    move_to_device(model, pending, device, dtype,
+    model.leangen_quantized = None  # the quantizer's counts replace it
+    move_to_device(model, pending, device, dtype, finish_module=quantizer,
                    progress=device.type != "cpu" and nbytes > _PROGRESS_BYTES)
     check_no_meta(model)
     mark("move: q/k permutation and casts", bytes=copied, tensors=len(pending))

@@ -8,9 +8,12 @@ from typing import Any
 
 import torch
 
+from leangen.quantize import tensor_bytes
+
 
 def model_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of the parameters; quantized ones (tensor subclasses) count their inner tensors."""
+    return sum(tensor_bytes(p) for p in model.parameters())
 
 
 def peak_host_rss_bytes() -> int:

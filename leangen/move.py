@@ -9,6 +9,8 @@ ever exists on the host.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from tqdm import tqdm
 
@@ -70,17 +72,62 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
+# Called once per module, children before parents, when its tensors are final; may
+# replace the module's parameters (leangen.quantize.Quantizer does).
+FinishModule = Callable[[str, torch.nn.Module], None]
+
+
 def move_to_device(model: torch.nn.Module, pending: dict[str, Transform], device: torch.device,
-                   dtype: torch.dtype, *, progress: bool = False) -> None:
-    """Give every parameter (and persistent buffer) its final device, layout and dtype."""
+                   dtype: torch.dtype, *, progress: bool = False,
+                   finish_module: FinishModule | None = None) -> None:
+    """Give every parameter (and persistent buffer) its final device, layout and dtype.
+
+    Modules are finished in post-order: a module's own tensors, then
+    ``finish_module(name, module)`` once its subtree is done (the root, ``""``, last), so
+    a hook that quantizes a Linear sees it final while the rest of the model is still
+    the checkpoint's mmap.
+    """
     stager = Stager(device) if device.type != "cpu" else None
     tensors = model.state_dict(keep_vars=True)
-    for name, tensor in tqdm(tensors.items(), desc=f"loading to {device}", unit="tensor",
-                             disable=not progress, leave=False):
-        t = stager.copy(tensor.data) if stager else tensor.data
-        t = pending.get(name, Transform()).apply(t)
-        if isinstance(tensor, torch.nn.Parameter) and t.is_floating_point() and t.dtype != dtype:
-            t = t.to(dtype)  # parameters only: buffers keep their dtype, as in an eager build
-        tensor.data = t
+    bar = tqdm(total=len(tensors), desc=f"loading to {device}", unit="tensor",
+               disable=not progress, leave=False)
+    for prefix, module in _post_order(model):
+        # the root takes whatever its children's own names did not cover
+        names = [prefix + n for n in _own_tensors(module)] if prefix else list(tensors)
+        for name in names:
+            tensor = tensors.pop(name, None)
+            if tensor is not None:  # None: not in the state_dict, or a shared module's, done
+                _move(tensor, pending.get(name), stager, dtype)
+                bar.update()
+        tensor = None  # hold no reference to what the hook may replace
+        if finish_module is not None:
+            finish_module(prefix.rstrip("."), module)
+    bar.close()
     if stager:
         stager.finish()
+
+
+def _move(tensor: torch.Tensor, transform: Transform | None, stager: Stager | None,
+          dtype: torch.dtype) -> None:
+    t = stager.copy(tensor.data) if stager else tensor.data
+    t = (transform or Transform()).apply(t)
+    if isinstance(tensor, torch.nn.Parameter) and t.is_floating_point() and t.dtype != dtype:
+        t = t.to(dtype)  # parameters only: buffers keep their dtype, as in an eager build
+    tensor.data = t
+
+
+def _own_tensors(module: torch.nn.Module) -> list[str]:
+    """The module's own state_dict names: parameters and persistent buffers."""
+    return [*(n for n, p in module._parameters.items() if p is not None),
+            *(n for n, b in module._buffers.items()
+              if b is not None and n not in module._non_persistent_buffers_set)]
+
+
+def _post_order(module: torch.nn.Module, prefix: str = "", seen: set | None = None):
+    """(prefix, module) for every module, each once, children before their parent."""
+    seen = set() if seen is None else seen
+    seen.add(id(module))
+    for name, child in list(module.named_children()):
+        if id(child) not in seen:
+            yield from _post_order(child, f"{prefix}{name}.", seen)
+    yield prefix, module

@@ -1,0 +1,162 @@
+"""Weight-only int8/int4 quantization while loading (leangen.quantize)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import leangen
+from leangen.config import resolve_config_path
+from leangen.demo import demo_dir
+from leangen.errors import ConfigError
+from leangen.metrics import model_bytes
+from leangen.quantize import QuantSpec, Quantizer, tensor_bytes
+
+from test_generate_recipe import GOLDEN_IDS
+from test_load import _mapped_file
+
+PROMPT = [1, 46, 47, 44]  # BOS "one two three", as the recipe tokenizes it
+# the demo's tokens for "one two three four five six seven": a real sequence of its data
+TOKENS = torch.tensor([PROMPT + GOLDEN_IDS[:4]])
+
+
+def load_demo(**kwargs) -> torch.nn.Module:
+    model = OmegaConf.to_container(OmegaConf.load(resolve_config_path("demo")).model)
+    builder = model.pop("_component_")
+    model["norm_eps"] = float(model["norm_eps"])  # YAML reads 1e-5 as a string
+    return leangen.load_model(builder, demo_dir(), **{**model, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def fp32_logits():
+    with torch.no_grad():
+        return load_demo()(TOKENS)
+
+
+@pytest.mark.parametrize("kind, dtype, tolerance", [
+    # Tolerances, against the demo's fp32 logits (max |logit| ~12, top-1 margins 3-8 on
+    # these positions), as a fraction of the largest logit. int8 per-row scales err by at
+    # most 1/254 of a row's largest weight per weight: measured 0.3% (fp32) and 0.6% (with
+    # bf16 activations, whose own rounding alone gives 0.3%): bound 2%. int4 steps are
+    # 1/15 of a group's range: measured ~4%: bound 8%. Both far below the margins, so
+    # the argmax must not move either.
+    ("int8", "fp32", 0.02), ("int8", "bf16", 0.02),
+    ("int4", "fp32", 0.08), ("int4", "bf16", 0.08),
+])
+def test_quantized_logits_stay_close_to_full_precision(fp32_logits, kind, dtype, tolerance):
+    model = load_demo(quantize=kind, dtype=dtype)
+    assert model.leangen_quantized == {"quantized": 15, "skipped": 0}  # 2x7 + the output
+    with torch.no_grad():
+        logits = model(TOKENS).float()
+    scale = fp32_logits.abs().max()
+    assert (logits - fp32_logits).abs().max() <= tolerance * scale
+    counting = slice(len(PROMPT) - 1, None)  # after BOS the next word is anyone's guess
+    assert torch.equal(logits[:, counting].argmax(-1), fp32_logits[:, counting].argmax(-1))
+    assert type(model.output.weight) is not torch.Tensor  # torchao's subclass
+    assert type(model.tok_embeddings.weight) in (torch.Tensor, torch.nn.Parameter)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_golden_greedy_output_survives_quantization(kind):
+    from torchtune.models.llama2 import llama2_tokenizer
+
+    model = load_demo(quantize=kind)
+    tokenizer = llama2_tokenizer(str(demo_dir() / "tokenizer.model"), prompt_template=None)
+    assert leangen.generate_text(model, tokenizer, "one two three", max_new_tokens=20).tokens == GOLDEN_IDS
+
+
+def test_model_bytes_count_the_quantized_tensors():
+    full, int8, int4 = (model_bytes(load_demo(quantize=q, dtype="bf16")) for q in (None, "int8", "int4"))
+    assert int4 < int8 < full
+    linear = torch.nn.Linear(256, 64, bias=False).to(torch.bfloat16)
+    Quantizer(QuantSpec("int8"), torch.device("cpu"), torch.bfloat16).quantize_linear(linear)
+    # int8 rows, plus a bf16 scale and an int64 zero point per row
+    assert tensor_bytes(linear.weight) == 64 * 256 + 64 * (2 + 8)
+
+
+def test_int4_group_falls_back_to_the_largest_divisor_else_skips():
+    spec = QuantSpec("int4")
+    assert [spec.group_for(n) for n in (256, 192, 96, 48)] == [128, 64, 32, None]
+    assert QuantSpec("int4", group_size=64).group_for(256) == 64
+    quantizer = Quantizer(spec, torch.device("cpu"), torch.bfloat16)
+    model = torch.nn.Sequential(*(torch.nn.Linear(n, 32).to(torch.bfloat16) for n in (256, 192, 48)))
+    for name, module in model.named_children():
+        quantizer(name, module)
+    quantizer("", model)
+    assert model.leangen_quantized == {"quantized": 2, "skipped": 1}
+    assert model[0].weight.block_size[-1] == 128 and model[1].weight.block_size[-1] == 64
+    assert type(model[2].weight) is torch.nn.Parameter  # stays full precision
+
+
+def test_bad_settings_are_refused_in_one_line():
+    for bad in ("int3", "fp8"):
+        with pytest.raises(ConfigError, match="Use null, int8 or int4"):
+            load_demo(quantize=bad)
+    with pytest.raises(ConfigError, match="group size"):
+        QuantSpec("int4", group_size=100)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_tied_output_gets_its_own_quantized_copy_and_the_embedding_stays_the_mmap(tiny_checkpoint, kind):
+    ckpt = tiny_checkpoint("llama3_2")  # tied by default
+    model = leangen.load_model(ckpt.builder, ckpt.path, quantize=kind, **ckpt.builder_kwargs)
+    reference = leangen.load_model(ckpt.builder, ckpt.path, **ckpt.builder_kwargs)
+    assert isinstance(model.output, torch.nn.Linear)  # was torchtune's TiedLinear
+    assert type(model.output.weight) is not torch.nn.Parameter
+    embedding = model.tok_embeddings.weight
+    assert type(embedding) is torch.nn.Parameter
+    mapped = _mapped_file(embedding)  # still the file's mmap, not a copy
+    assert mapped is not None and mapped[0] in {str(f.resolve()) for f in ckpt.path.glob("*.safetensors")}
+    assert model.leangen_quantized["quantized"] == 2 * 7 + 1
+    tokens = torch.tensor([[1, 5, 9, 17, 33, 65]])
+    with torch.no_grad():
+        got, want = model(tokens), reference(tokens)
+    assert (got - want).abs().max() <= (0.02 if kind == "int8" else 0.15) * want.abs().max()
+
+
+def test_quantization_is_streamed_one_full_precision_linear_at_a_time(monkeypatch):
+    """Loaded as bf16 from the fp32 demo, each Linear is cast (a new bf16 tensor) and
+    must be quantized before the next one is cast: unquantized Linears stay fp32 mmap."""
+    import leangen.quantize as quantize
+
+    resident = []
+    model_ref = {}
+
+    def counting(self, linear):
+        model = model_ref.get("model")
+        if model is not None:
+            resident.append(sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear)
+                                and type(m.weight) is torch.nn.Parameter
+                                and m.weight.dtype == torch.bfloat16))
+        return original(self, linear)
+
+    original = quantize.Quantizer.quantize_linear
+    monkeypatch.setattr(quantize.Quantizer, "quantize_linear", counting)
+    build = leangen.load.build_on_meta
+
+    def remember(*args, **kwargs):
+        model_ref["model"] = build(*args, **kwargs)
+        return model_ref["model"]
+
+    monkeypatch.setattr(leangen.load, "build_on_meta", remember)
+    model = load_demo(quantize="int8", dtype="bf16")
+    assert len(resident) == 15 and max(resident) == 1  # the one about to be quantized
+    assert not any(type(m.weight) is torch.nn.Parameter
+                   for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_compiled_decode_gives_the_same_greedy_tokens_as_eager(kind):
+    from leangen.generation import complete
+    from leangen.sampling import sample
+
+    greedy = functools.partial(sample, temperature=0)
+
+    model = load_demo(quantize=kind)
+    runs = [complete(model, [PROMPT], max_new_tokens=6, sampler=greedy, stop_tokens=[2],
+                     decode_forward=forward).tokens[0]
+            for forward in (None, torch.compile(model))]
+    assert runs[0] == runs[1] == GOLDEN_IDS[:6]
