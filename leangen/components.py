@@ -8,6 +8,7 @@ ever written to the checkpointer's ``output_dir``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -43,6 +44,10 @@ class ModelKeys:
     device: str = config_key("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
     dtype: str = config_key("auto", "auto (the stored dtype: zero copy on CPU) | bf16 | fp16 | fp32")
     threads: Optional[int] = config_key(None, "CPU threads (null: torch's choice, which follows OMP_NUM_THREADS)")
+    quantize: Optional[str] = config_key(None, "null | int8 | int4: weight-only (torchao), "
+                                               "quantized layer by layer while loading")
+    quantize_group_size: int = config_key(128, "int4: inputs sharing a scale (256 | 128 | 64 | 32; "
+                                               "a layer it does not divide falls back to 64, 32)")
 
 
 def set_threads(threads: Optional[int]) -> int:
@@ -91,6 +96,35 @@ def _from_checkpointer(block: DictConfig) -> tuple[list[str], str]:
     return paths, str(block.get("model_type", "auto"))
 
 
+# torchtune's `quantizer:` blocks (its generation configs carry one), as leangen's
+# weight-only spec: (kind, the class's default group, what differs, if anything).
+TORCHTUNE_QUANTIZERS = {
+    "torchtune.training.quantization.Int4WeightOnlyQuantizer": ("int4", 128, None),
+    "torchtune.training.quantization.Int8DynActInt4WeightQuantizer": (
+        "int4", 256, "its int8 activations are not quantized: leangen quantizes weights only"),
+}
+
+
+def quant_spec(cfg: DictConfig):
+    """The QuantSpec from ``quantize:`` (and ``quantize_group_size``), or from a torchtune
+    ``quantizer:`` block; None for full precision."""
+    from leangen.quantize import QuantSpec
+
+    block = cfg.get("quantizer")
+    if block is None:
+        return QuantSpec(cfg.quantize, cfg.quantize_group_size) if cfg.quantize else None
+    if cfg.quantize:
+        raise ConfigError("set either 'quantize' or a torchtune 'quantizer' block, not both.")
+    name = block.get("_component_") if OmegaConf.is_dict(block) else block
+    if name not in TORCHTUNE_QUANTIZERS:
+        raise ConfigError(f"quantizer: '{name}' is not supported; use quantize: int8 | int4, or one of "
+                          f"{', '.join(TORCHTUNE_QUANTIZERS)}.")
+    kind, group, differs = TORCHTUNE_QUANTIZERS[name]
+    if differs:
+        warnings.warn(f"quantizer: {name.rsplit('.', 1)[-1]} runs as {kind} weight-only; {differs}.")
+    return QuantSpec(kind, block.get("groupsize", group))
+
+
 def model_from_config(cfg: DictConfig, device: torch.device, *,
                       positions: Optional[int] = None) -> torch.nn.Module:
     """``model: auto`` (the builder config.json describes) or a builder block, which is
@@ -100,7 +134,7 @@ def model_from_config(cfg: DictConfig, device: torch.device, *,
     path, model_type = checkpoint_source(cfg)
     strict = cfg.checkpoint.get("strict_config", True) if cfg.get("checkpoint") is not None else True
     return load_model(cfg.model, path, device=device, dtype=cfg.dtype, model_type=model_type,
-                      strict_config=bool(strict), rope_positions=positions)
+                      strict_config=bool(strict), rope_positions=positions, quantize=quant_spec(cfg))
 
 
 def tokenizer_from_config(cfg: DictConfig):

@@ -28,7 +28,8 @@ from typing import Any, ClassVar, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from leangen.components import ModelKeys, model_from_config, set_threads, tokenizer_from_config
+from leangen.components import (ModelKeys, model_from_config, quant_spec, set_threads,
+                                tokenizer_from_config)
 from leangen.config import config_key, output_path, parse_args, run_recipe
 from leangen.errors import ConfigError
 from leangen.generation import context_limit
@@ -161,6 +162,7 @@ def _reject_bad_options(cfg: DictConfig) -> None:
         raise ConfigError(f"perplexity.stride={stride} must be between 1 and max_seq_len="
                           f"{cfg.max_seq_len} (null: max_seq_len).")
     output_path("output_file", cfg.output_file)  # fails now, not after the scoring
+    quant_spec(cfg)  # so does a bad quantize value
 
 
 def _text_files(value: Any) -> list[str]:

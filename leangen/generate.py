@@ -18,7 +18,8 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from leangen.components import ModelKeys, model_from_config, set_threads, tokenizer_from_config
+from leangen.components import (ModelKeys, model_from_config, quant_spec, set_threads,
+                                tokenizer_from_config)
 from leangen.config import config_key, output_path, parse_args, run_recipe
 from leangen.errors import ConfigError, Interrupted
 from leangen.generation import Completions, check_fits, complete
@@ -53,7 +54,7 @@ class GenerateConfig(ModelKeys):
     metrics_file: Optional[str] = config_key(None, "JSON with the run's figures")
     # Accepted so that torchtune's own generation configs run unchanged:
     output_dir: Optional[str] = config_key(None, "accepted from torchtune configs; never written to")
-    quantizer: Optional[Any] = config_key(None, "accepted from torchtune configs; must be null")
+    quantizer: Optional[Any] = config_key(None, "a torchtune quantizer block: runs as quantize: int4")
     log_level: Optional[str] = config_key(None, "accepted from torchtune configs; ignored")
 
 
@@ -148,6 +149,7 @@ class GenerateRecipe:
             bandwidth_gb_per_s=nbytes * decode_steps / decode_seconds / 1e9 if rate else None,
             peak_host_rss_bytes=peak_host_rss_bytes(),
             peak_device_bytes=peak_device_bytes(self.device),
+            quantized=self.model.leangen_quantized,  # {quantized, skipped} Linear counts, or None
         )
 
 
@@ -175,8 +177,7 @@ def _reject_bad_options(cfg: DictConfig) -> tuple[Optional[Path], Optional[Path]
         raise ConfigError(str(e)) from e
     if cfg.max_new_tokens < 1 or cfg.batch_size < 1:
         raise ConfigError("max_new_tokens and batch_size must be at least 1.")
-    if cfg.quantizer is not None:
-        raise ConfigError("quantizer: leangen does not quantize yet; remove the key or set it to null.")
+    quant_spec(cfg)  # a bad quantize/quantizer value fails before the load
     if cfg.model is None or cfg.tokenizer is None:
         raise ConfigError("the config needs a 'model' and a 'tokenizer' block.")
     return output_path("output_file", cfg.output_file), output_path("metrics_file", cfg.metrics_file)

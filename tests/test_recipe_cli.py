@@ -229,3 +229,48 @@ def test_prompts_file_shows_progress_only_on_a_terminal(capsys, tmp_path, monkey
     assert code == 0 and "prompts: " in shown and "0/3 [" in shown  # done/total
     assert out.split("\n\n")[:3] == ["one two three four five", "five six seven eight nine",
                                      "ten eleven twelve thirteen fourteen"]
+
+
+# -- quantization through the recipes ---------------------------------------------
+
+GOLDEN_IDS = [38, 39, 22, 19, 35, 15, 63, 62, 60, 57, 55, 54, 53, 52, 51, 50, 41, 41, 46, 41]
+
+
+def test_quantize_int8_keeps_the_demo_golden_tokens_and_counts_its_bytes(capsys, tmp_path):
+    out, metrics = tmp_path / "out.jsonl", tmp_path / "m.json"
+    code, _, err = run(capsys, "--config", "demo", "quantize=int8", f"output_file={out}",
+                       f"metrics_file={metrics}")
+    assert code == 0, err
+    assert json.loads(out.read_text())["tokens"] == GOLDEN_IDS
+    fp32 = sum(p.numel() * 4 for p in _demo_parameters())
+    assert json.loads(metrics.read_text())["model_bytes"] < 0.5 * fp32  # int8 weights + scales
+
+
+def _demo_parameters():
+    import leangen
+    from omegaconf import OmegaConf
+
+    from leangen.demo import demo_dir
+
+    return leangen.load_model(OmegaConf.load(resolve_config_path("demo")).model, demo_dir()).parameters()
+
+
+def test_a_torchtune_quantizer_block_runs_as_int4(capsys, tmp_path):
+    metrics = tmp_path / "m.json"
+    code, _, err = run(capsys, "--config", "demo", "quantizer={_component_: "
+                       "torchtune.training.quantization.Int4WeightOnlyQuantizer, groupsize: 32}",
+                       "max_new_tokens=4", f"metrics_file={metrics}")
+    assert code == 0, err
+    figures = json.loads(metrics.read_text())
+    assert figures["generated_tokens"] == 4 and figures["quantized"] == {"quantized": 15, "skipped": 0}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["quantize=int9"], "quantize: 'int9' is unknown"),
+    (["quantizer={_component_: x.Y}"], "quantizer: 'x.Y' is not supported"),
+    (["quantize=int8", "quantizer={_component_: torchtune.training.quantization.Int4WeightOnlyQuantizer}"],
+     "either 'quantize' or a torchtune 'quantizer' block"),
+])
+def test_bad_quantize_settings_fail_before_the_load(capsys, argv, message):
+    code, _, err = run(capsys, "--config", "demo", "checkpoint.path=/no/such/dir", *argv)
+    assert code == 1 and message in err and err.count("\n") == 1
