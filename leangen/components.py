@@ -110,10 +110,10 @@ def quant_spec(cfg: DictConfig):
     ``quantizer:`` block; None for full precision."""
     from leangen.quantize import QuantSpec
 
-    block = cfg.get("quantizer")
+    block, kind = cfg.get("quantizer"), cfg.get("quantize")  # get: a config without the schema works too
     if block is None:
-        return QuantSpec(cfg.quantize, cfg.quantize_group_size) if cfg.quantize else None
-    if cfg.quantize:
+        return QuantSpec(kind, cfg.get("quantize_group_size", 128)) if kind else None
+    if kind:
         raise ConfigError("set either 'quantize' or a torchtune 'quantizer' block, not both.")
     name = block.get("_component_") if OmegaConf.is_dict(block) else block
     if name not in TORCHTUNE_QUANTIZERS:
