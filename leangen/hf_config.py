@@ -217,19 +217,21 @@ def _qwen2(c: ModelConfig) -> tuple[str, dict]:
     return "torchtune.models.qwen2.qwen2", dict(_base_kwargs(c), tie_word_embeddings=c.tied)
 
 
-def _gemma(c: ModelConfig) -> tuple[str, dict]:
-    _check_common(c, "gemma", head_dim_free=True)
-    _no_scaling(c, "gemma")
+def _gemma_checks(c: ModelConfig, name: str) -> None:
+    """What torchtune's gemma and gemma2 share: any head_dim, plain RoPE, always tied."""
+    _check_common(c, name, head_dim_free=True)
+    _no_scaling(c, name)
     if not c.tied:
-        raise refuse("tie_word_embeddings", False, "torchtune's gemma always ties the output.")
+        raise refuse("tie_word_embeddings", False, f"torchtune's {name} always ties the output.")
+
+
+def _gemma(c: ModelConfig) -> tuple[str, dict]:
+    _gemma_checks(c, "gemma")
     return "torchtune.models.gemma.gemma", dict(_base_kwargs(c), head_dim=c.head_dim)
 
 
 def _gemma2(c: ModelConfig) -> tuple[str, dict]:
-    _check_common(c, "gemma2", head_dim_free=True)
-    _no_scaling(c, "gemma2")
-    if not c.tied:
-        raise refuse("tie_word_embeddings", False, "torchtune's gemma2 always ties the output.")
+    _gemma_checks(c, "gemma2")
     if c.layer_types != _alternating(c.num_layers):
         raise refuse("layer_types", list(c.layer_types), "torchtune's gemma2 alternates sliding "
                      "and full attention, starting with sliding.")

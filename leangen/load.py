@@ -47,30 +47,29 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
                **builder_kwargs: Any) -> torch.nn.Module:
     """Build ``builder`` on meta and fill it from ``checkpoint`` without copying.
 
-    ``builder`` is a dotted path, a callable, a DictConfig with ``_component_``, or
-    ``"auto"``: the torchtune builder and kwargs that config.json describes
-    (``builder_kwargs`` then override single kwargs, e.g. ``max_seq_len``).
-    ``checkpoint`` is a directory, a file or a list of files. When config.json is
-    there, the built model is checked against it (RoPE, norms, heads, tying, biases...);
-    a difference is a ConversionError, or a warning with ``strict_config=False``.
-    ``dtype="auto"`` keeps the stored dtype: on CPU the parameters are then the file's
-    mmap itself, q/k included: for HF's rotate-half q/k rows the model's torchtune RoPE
-    is wrapped in ``leangen.rope.RotateHalf`` instead of the rows being permuted (rows
-    stored in a layout the model's RoPE still differs from are permuted, a copy). The
-    model's ``state_dict()`` is therefore leangen's own: torchtune names, q/k rows as
-    stored (HF's rotate-half layout for an HF folder), not torchtune's interleaved
-    layout; ``load_tensors`` gives torchtune's. ``rope_positions`` builds the RoPE cache
-    for that many positions (e.g. the KV-cache length; at most the builder's
-    ``max_seq_len``) instead of the builder's ``max_seq_len``; a forward that needs more
-    is an error. ``on_stage``, if given, is called after each stage as
-    ``on_stage(name, **made)`` (``benchmarks/load_profile.py`` times them). ``quantize``
-    (None, "int8", "int4" or a ``leangen.quantize.QuantSpec``) quantizes every Linear,
-    the output projection included (a tied one gets its own quantized copy; the embedding
-    stays as stored), weight-only with torchao, layer by layer as the tensors are moved,
-    so the full-precision model is never resident; ``model.leangen_quantized`` is then
-    ``{"quantized": n, "skipped": m}`` (skipped: int4 layers that no group of 128/64/32
-    divides, or that the CPU kernel cannot pack; they stay full precision), else None. Returns the model in eval mode on ``device``, nothing on meta,
-    with the parsed config.json as ``model.leangen_config`` (None without one).
+    - ``builder``: a dotted path, a callable, a DictConfig with ``_component_``, or
+      ``"auto"``: the torchtune builder and kwargs that config.json describes
+      (``builder_kwargs`` then override single kwargs, e.g. ``max_seq_len``).
+    - ``checkpoint``: a directory, a file or a list of files. When config.json is there,
+      the built model is checked against it (RoPE, norms, heads, tying, biases...); a
+      difference is a ConversionError, or a warning with ``strict_config=False``.
+    - ``dtype="auto"`` keeps the stored dtype: on CPU every parameter is then the file's
+      mmap, q/k included. For HF's rotate-half q/k rows the model's torchtune RoPE is
+      wrapped in ``leangen.rope.RotateHalf`` instead of the rows being permuted, so the
+      model's ``state_dict()`` is leangen's own (torchtune names, q/k rows as stored);
+      ``load_tensors`` gives torchtune's layout.
+    - ``rope_positions``: build the RoPE cache for that many positions (e.g. the KV-cache
+      length; at most the builder's ``max_seq_len``); a forward that needs more is an error.
+    - ``on_stage(name, **made)``, if given, is called after each stage
+      (``benchmarks/load_profile.py`` times them).
+    - ``quantize`` (None, "int8", "int4" or a ``leangen.quantize.QuantSpec``): weight-only
+      torchao quantization of every Linear, the output included (a tied one gets its own
+      quantized copy), layer by layer as tensors are moved, so the full-precision model is
+      never resident. ``model.leangen_quantized`` is then ``{"quantized": n, "skipped": m}``
+      (skipped layers stay in full precision), else None.
+
+    Returns the model in eval mode on ``device``, nothing on meta, with the parsed
+    config.json as ``model.leangen_config`` (None without one).
     """
     device = resolve_device(device)
     raw = open_raw(checkpoint)  # headers and config.json only
