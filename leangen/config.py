@@ -29,6 +29,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from yaml import YAMLError
 
 from leangen.demo import demo_dir
+from leangen.distributed import error_prefix, stop
 from leangen.errors import ConfigError, Interrupted, LeangenError
 
 DEBUG_ENV = "LEANGEN_DEBUG"
@@ -284,10 +285,11 @@ def run_recipe(main: Callable[[list[str]], Any]) -> Callable[[list[str] | None],
             if os.environ.get(DEBUG_ENV):
                 raise
             # one line whatever the message holds (torchtune's errors span several)
-            print(_error_line(e), file=sys.stderr, flush=True)
+            print(error_prefix() + _error_line(e), file=sys.stderr, flush=True)
             return _exit_code(e)
         finally:
             signal.signal(signal.SIGTERM, previous)
+            stop()  # leave a torchrun process group, if the recipe joined one
         return 0
 
     return wrapper

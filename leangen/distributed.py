@@ -1,0 +1,118 @@
+"""torchrun's ranks: which process this is, its device, and its process group.
+
+torchrun (and ``tune run --nproc_per_node N``, which is torchrun) starts one process per
+rank and sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous variables. A
+recipe calls ``start(device)`` once: without ``WORLD_SIZE > 1`` it is a single process
+and nothing is initialised; with it, the process group is created with the device's
+backend (gloo on CPU, NCCL on CUDA) and a timeout, so a rank whose peer died exits
+instead of waiting forever. Only rank 0 prints and writes files (``Ranks.is_main``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from leangen.errors import ConfigError, LeangenError
+
+# The collective backend for each device type leangen runs tensor- or data-parallel on.
+BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
+
+# How long a collective waits for a peer before failing; a rank that died (its error
+# is printed by that rank) then ends the others. torchrun also stops the survivors when
+# one worker exits with an error, so this bounds the cases torchrun cannot see (a rank
+# stuck rather than dead, a peer on another node).
+DEFAULT_TIMEOUT = timedelta(minutes=10)
+TIMEOUT_ENV = "LEANGEN_DIST_TIMEOUT_S"
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among torchrun's ranks (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that prints text and the summary and writes output files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def ranks_from_env() -> Ranks:
+    """The ranks torchrun set in the environment; one process when it did not."""
+    try:
+        return Ranks(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                     int(os.environ.get("LOCAL_RANK", 0)))
+    except ValueError as e:
+        raise ConfigError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers ({e}); launch with torchrun.") from e
+
+
+def rank_device(device: str | torch.device, ranks: Ranks) -> str | torch.device:
+    """Each rank its own GPU: ``auto`` and a bare ``cuda`` mean ``cuda:LOCAL_RANK``."""
+    if not ranks.distributed:
+        return device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device) == "cuda":
+        return torch.device("cuda", ranks.local_rank)
+    return device
+
+
+def start(device: torch.device, ranks: Ranks | None = None) -> Ranks:
+    """Initialise the process group for ``device`` when torchrun started several ranks."""
+    import torch.distributed as dist
+
+    ranks = ranks or ranks_from_env()
+    if not ranks.distributed or dist.is_initialized():
+        return ranks
+    backend = BACKENDS.get(device.type)
+    if backend is None:
+        raise ConfigError(f"device '{device}' cannot run on several ranks: use "
+                          f"{' or '.join(BACKENDS)} (backends {', '.join(BACKENDS.values())}).")
+    if backend == "nccl":
+        _check_gpus(ranks)
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, timeout=_timeout(), rank=ranks.rank, world_size=ranks.world_size)
+    return ranks
+
+
+def _check_gpus(ranks: Ranks) -> None:
+    if not torch.cuda.is_available():
+        raise LeangenError(f"device cuda with {ranks.world_size} ranks needs NCCL and GPUs, but this "
+                           f"torch ({torch.__version__}) sees no GPU. Use device: cpu (gloo).")
+    if ranks.local_rank >= torch.cuda.device_count():
+        raise LeangenError(f"rank {ranks.rank} wants GPU {ranks.local_rank}, but this machine has "
+                           f"{torch.cuda.device_count()}. Use --nproc_per_node {torch.cuda.device_count()} or fewer.")
+
+
+def _timeout() -> timedelta:
+    value = os.environ.get(TIMEOUT_ENV)
+    if value is None:
+        return DEFAULT_TIMEOUT
+    try:
+        return timedelta(seconds=float(value))
+    except ValueError as e:
+        raise ConfigError(f"{TIMEOUT_ENV}={value!r} is not a number of seconds.") from e
+
+
+def stop() -> None:
+    """Leave the process group, if this process joined one."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def error_prefix() -> str:
+    """'rank N: ' in a torchrun job, so that a failure names the rank it happened on."""
+    ranks = ranks_from_env()
+    return f"rank {ranks.rank}: " if ranks.distributed else ""
