@@ -160,3 +160,22 @@ def test_compiled_decode_gives_the_same_greedy_tokens_as_eager(kind):
                      decode_forward=forward).tokens[0]
             for forward in (None, torch.compile(model))]
     assert runs[0] == runs[1] == GOLDEN_IDS[:6]
+
+
+def test_int8_linear_runs_the_aten_int8_kernel_on_cpu():
+    """quantize: int8 installs leangen.int8_kernel in front of torchao's eager path, which
+    converts the whole weight to bf16 on every call (~10x slower than bf16 on CPU)."""
+    from torchao.dtypes.uintx.plain_layout import _linear_fp_act_int8_weight_impl as torchao_impl
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 64, bias=True, dtype=torch.bfloat16).requires_grad_(False)
+    Quantizer(QuantSpec("int8"), torch.device("cpu"), torch.bfloat16)(name="layer", module=linear)
+    x = torch.randn(3, 5, 256, dtype=torch.bfloat16)
+    impl = linear.weight.tensor_impl
+    expected = torch.ops.aten._weight_int8pack_mm(x.reshape(15, 256), impl.int_data,
+                                                  impl.scale.to(x.dtype)).reshape(3, 5, 64) + linear.bias
+    assert torch.equal(linear(x), expected)
+    # torchao's own path rounds before scaling: the check above can tell the two apart
+    assert not torch.equal(torchao_impl(x, linear.weight, linear.bias), expected)
+    reference = x.float() @ (impl.int_data.float() * impl.scale.float()[:, None]).T + linear.bias.float()
+    torch.testing.assert_close(linear(x).float(), reference, atol=0.05, rtol=0.02)
