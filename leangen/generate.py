@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from leangen.components import (ModelKeys, model_from_config, quant_spec, set_threads,
+from leangen.components import (ModelKeys, compile_decode, model_from_config, quant_spec, set_threads,
                                 tokenizer_from_config)
 from leangen.config import config_key, output_path, parse_args, run_recipe
 from leangen.errors import ConfigError, Interrupted
@@ -76,7 +76,7 @@ class GenerateRecipe:
         self.model = model_from_config(cfg, self.device, positions=longest)
         self.metrics["load_seconds"] = time.perf_counter() - start
         check_fits(self.model, [p.tokens for p in self.prompts], cfg.max_new_tokens)
-        self.decode_forward = torch.compile(self.model) if cfg.compile else None
+        self.decode_forward = compile_decode(self.model, cfg.prepack) if cfg.compile else None
         self.sampler = functools.partial(sample, temperature=cfg.temperature, top_k=cfg.top_k,
                                          top_p=cfg.top_p)
 
@@ -150,6 +150,7 @@ class GenerateRecipe:
             peak_host_rss_bytes=peak_host_rss_bytes(),
             peak_device_bytes=peak_device_bytes(self.device),
             quantized=self.model.leangen_quantized,  # {quantized, skipped} Linear counts, or None
+            prepacked=self.model.leangen_prepacked,  # Linears in oneDNN's layout, or None
         )
 
 

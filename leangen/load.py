@@ -16,7 +16,8 @@ from leangen.checkpoint import CheckpointPath, open_raw
 from leangen.convert import Geometry, Transform
 from leangen.errors import ConfigError, ConversionError, LeangenError
 from leangen.hf_config import builder_for, check_model, parse_config
-from leangen.move import move_to_device
+from leangen.move import chain, move_to_device
+from leangen.prepack import Prepacker
 from leangen.quantize import QuantSetting, Quantizer
 from leangen.rope import match_stored_layout, qk_layout
 from leangen.view import Checkpoint, open_checkpoint
@@ -44,7 +45,7 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
                dtype: str | torch.dtype = "auto", model_type: str = "auto",
                strict_config: bool = True, rope_positions: int | None = None,
                on_stage: OnStage | None = None, quantize: QuantSetting = None,
-               **builder_kwargs: Any) -> torch.nn.Module:
+               prepack: bool = False, **builder_kwargs: Any) -> torch.nn.Module:
     """Build ``builder`` on meta and fill it from ``checkpoint`` without copying.
 
     - ``builder``: a dotted path, a callable, a DictConfig with ``_component_``, or
@@ -67,6 +68,10 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
       quantized copy), layer by layer as tensors are moved, so the full-precision model is
       never resident. ``model.leangen_quantized`` is then ``{"quantized": n, "skipped": m}``
       (skipped layers stay in full precision), else None.
+    - ``prepack=True`` (CPU, bf16/fp32): the Linears that stay in full precision are copied
+      into oneDNN's blocked layout (``leangen.prepack``): decode is faster, but those
+      weights then take anonymous memory instead of being the file's mmap.
+      ``model.leangen_prepacked`` counts them (None when off).
 
     Returns the model in eval mode on ``device``, nothing on meta, with the parsed
     config.json as ``model.leangen_config`` (None without one).
@@ -93,6 +98,7 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
     view = open_checkpoint(raw, model_type=model_type, geometry=geometry, qk_layout=qk_layout(model))
     dtype = resolve_dtype(dtype, view, device)
     quantizer = Quantizer.for_load(quantize, device, dtype)  # None: keep full precision
+    prepacker = Prepacker.for_load(prepack, device, dtype)  # None: keep the mmap
     mark("open checkpoint (headers, key plan, RoPE layout)")
     pending = assign(model, view)
     mark("assign mmap views")
@@ -100,8 +106,8 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
     mark("buffers (rope_init)", bytes=sum(b.numel() * b.element_size() for b in model.buffers()))
     nbytes = sum(t.numel() * dtype.itemsize for t in model.parameters())
     copied = sum(view.shape(n).numel() * dtype.itemsize for n in pending)
-    model.leangen_quantized = None  # the quantizer's counts replace it
-    move_to_device(model, pending, device, dtype, finish_module=quantizer,
+    model.leangen_quantized = model.leangen_prepacked = None  # the hooks' counts replace them
+    move_to_device(model, pending, device, dtype, finish_module=chain(quantizer, prepacker),
                    progress=device.type != "cpu" and nbytes > _PROGRESS_BYTES)
     check_no_meta(model)
     mark("move: q/k permutation and casts", bytes=copied, tensors=len(pending))

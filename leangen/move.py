@@ -77,6 +77,18 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 FinishModule = Callable[[str, torch.nn.Module], None]
 
 
+def chain(*hooks: FinishModule | None) -> FinishModule | None:
+    """One hook that runs the given ones (None skipped) in order on each module."""
+    hooks = tuple(h for h in hooks if h is not None)
+    if not hooks:
+        return None
+
+    def run(name: str, module: torch.nn.Module) -> None:
+        for hook in hooks:
+            hook(name, module)
+    return run
+
+
 def move_to_device(model: torch.nn.Module, pending: dict[str, Transform], device: torch.device,
                    dtype: torch.dtype, *, progress: bool = False,
                    finish_module: FinishModule | None = None) -> None:
