@@ -48,3 +48,24 @@ def test_same_seed_same_samples():
 def test_invalid_sampling_is_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         check_sampling(**kwargs)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(None, None), (5, None), (None, 0.9), (7, 0.5), (None, 1e-6), (None, 0.999)])
+def test_candidates_are_exactly_the_distribution_of_logits_to_probs(top_k, top_p):
+    """sample() draws from the candidate set only: scattered back over the vocabulary it
+    must be logits_to_probs' distribution (the definition), token for token."""
+    from leangen.sampling import candidates
+
+    logits = torch.randn(3, 4096, generator=torch.Generator().manual_seed(2)) * 3
+    probs, ids = candidates(logits, 0.8, top_k, top_p)
+    spread = torch.zeros_like(logits).scatter(-1, ids, probs)
+    torch.testing.assert_close(spread, logits_to_probs(logits, 0.8, top_k, top_p), atol=1e-6, rtol=1e-5)
+    if top_p is not None and top_p < 0.99:  # the doubling search stopped early
+        assert ids.shape[-1] < 4096
+
+
+def test_sampled_ids_follow_the_probabilities():
+    logits = torch.tensor([[0.0, 2.0, 1.0, -5.0]]).expand(20000, 4)
+    draws = sample(logits, 1.0, top_k=3, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=4).float() / len(draws)
+    torch.testing.assert_close(counts, logits_to_probs(logits[:1], 1.0, top_k=3)[0], atol=0.02, rtol=0)
