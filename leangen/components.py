@@ -48,6 +48,9 @@ class ModelKeys:
                                                "quantized layer by layer while loading")
     quantize_group_size: int = config_key(128, "int4: inputs sharing a scale (256 | 128 | 64 | 32; "
                                                "a layer it does not divide falls back to 64, 32)")
+    quantize_cache: Optional[str] = config_key("auto", "with quantize: auto ($XDG_CACHE_HOME/leangen, else "
+                                                      "~/.cache/leangen) | a folder | null: quantize on "
+                                                      "every load")
 
 
 def set_threads(threads: Optional[int]) -> int:
@@ -134,7 +137,8 @@ def model_from_config(cfg: DictConfig, device: torch.device, *,
     path, model_type = checkpoint_source(cfg)
     strict = cfg.checkpoint.get("strict_config", True) if cfg.get("checkpoint") is not None else True
     return load_model(cfg.model, path, device=device, dtype=cfg.dtype, model_type=model_type,
-                      strict_config=bool(strict), rope_positions=positions, quantize=quant_spec(cfg))
+                      strict_config=bool(strict), rope_positions=positions, quantize=quant_spec(cfg),
+                      quantize_cache=cfg.get("quantize_cache", "auto"))
 
 
 def tokenizer_from_config(cfg: DictConfig):

@@ -72,7 +72,7 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
       weights are written once to ``<folder>/<entry>.safetensors`` ("auto":
       ``$XDG_CACHE_HOME/leangen``, else ``~/.cache/leangen``), and later loads with the
       same key mmap them instead of quantizing (``leangen.quant_cache``).
-      ``model.leangen_quant_cache`` is then "hit", "written" or "off".
+      ``model.leangen_quant_cache`` is ``{"status": "hit" | "written" | "off", "file": path}``.
 
     Returns the model in eval mode on ``device``, nothing on meta, with the parsed
     config.json as ``model.leangen_config`` (None without one).
@@ -122,7 +122,7 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
     if cache and not cached:
         cache.write(model)
         mark("quantized cache: write")
-    model.leangen_quant_cache = cache.status if cache else "off"
+    model.leangen_quant_cache = cache.report() if cache else {"status": "off", "file": None}
     model.leangen_config = config
     return model.eval().requires_grad_(False)
 

@@ -102,6 +102,9 @@ class QuantCache:
         self.path, self.key = path, key
         self.status = "off"
 
+    def report(self) -> dict[str, str | None]:
+        return {"status": self.status, "file": str(self.path) if self.status != "off" else None}
+
     def install(self, model: torch.nn.Module, quantizer: Quantizer) -> set[str]:
         """On a hit, make each quantized Linear's weight the cached tensor (a tied output
         gets its own Linear, as the quantizer would do) and set ``model.leangen_quantized``;
