@@ -80,10 +80,11 @@ def test_a_hit_quantizes_nothing_and_only_the_linears_come_from_the_cache(tiny_c
     ckpt = tiny_checkpoint("llama3_2")  # tied: the output is a Linear of its own from the cache
     load(ckpt, quantize="int8", quantize_cache="auto")
 
-    def refuse(self, linear):
-        raise AssertionError("a cache hit quantized a layer")
+    def refuse(*args):
+        raise AssertionError("a cache hit quantized or wrote")
 
     monkeypatch.setattr(Quantizer, "quantize_linear", refuse)
+    monkeypatch.setattr(quant_cache, "_atomic_save", refuse)  # a hit writes nothing either
     model = load(ckpt, quantize="int8", quantize_cache="auto")
     assert status(model) == "hit"
     entry = str(entries(cache_home / "leangen")[0].resolve())
