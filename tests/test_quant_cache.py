@@ -75,6 +75,14 @@ def test_a_cached_load_gives_bit_identical_logits(tiny_checkpoint, cache_home, k
     assert torch.equal(logits(hit), logits(fresh)) and torch.equal(logits(written), logits(fresh))
 
 
+def test_a_pickled_checkpoint_is_cached_too(tiny_checkpoint):
+    ckpt = tiny_checkpoint("llama", fmt="bin")  # untied llama2, pytorch_model*.bin: no header to hash
+    fresh = load(ckpt, quantize="int4")
+    assert status(load(ckpt, quantize="int4", quantize_cache="auto")) == "written"
+    hit = load(ckpt, quantize="int4", quantize_cache="auto")
+    assert status(hit) == "hit" and torch.equal(logits(hit), logits(fresh))
+
+
 def test_a_hit_quantizes_nothing_and_only_the_linears_come_from_the_cache(tiny_checkpoint, cache_home,
                                                                           monkeypatch):
     ckpt = tiny_checkpoint("llama3_2")  # tied: the output is a Linear of its own from the cache
