@@ -13,7 +13,8 @@ Results go to stdout and to ``output_file`` as JSON::
 
     {"perplexity": {"<file>": {"ppl", "nll", "tokens"}, ..., "all": {...}} | null,
      "lm_eval": {"results": {...}, "versions": ..., "n-shot": ..., ...} | null,
-     "metrics": {"load_seconds", "tokens_per_second", "peak_host_rss_bytes"}}
+     "metrics": {"threads", "load_seconds", "tokens_per_second", "peak_host_rss_bytes",
+                 "quantize_cache": "hit" | "written" | "off", "quantize_cache_file"}}
 """
 
 # No `from __future__ import annotations`: `tune run` executes this module as
