@@ -50,6 +50,9 @@ class ModelKeys:
                                                "a layer it does not divide falls back to 64, 32)")
     prepack: bool = config_key(False, "CPU: copy full-precision Linear weights into oneDNN's layout: "
                                       "faster decode, but the weights then take RAM instead of the mmap")
+    quantize_cache: Optional[str] = config_key("auto", "with quantize: auto ($XDG_CACHE_HOME/leangen, else "
+                                                      "~/.cache/leangen) | a folder | null: quantize on "
+                                                      "every load")
 
 
 def set_threads(threads: Optional[int]) -> int:
@@ -137,7 +140,8 @@ def model_from_config(cfg: DictConfig, device: torch.device, *,
     strict = cfg.checkpoint.get("strict_config", True) if cfg.get("checkpoint") is not None else True
     return load_model(cfg.model, path, device=device, dtype=cfg.dtype, model_type=model_type,
                       strict_config=bool(strict), rope_positions=positions, quantize=quant_spec(cfg),
-                      prepack=bool(cfg.get("prepack", False)) and not cfg.get("compile", False))
+                      prepack=bool(cfg.get("prepack", False)) and not cfg.get("compile", False),
+                      quantize_cache=cfg.get("quantize_cache", "auto"))
 
 
 def compile_decode(model: torch.nn.Module, prepack: bool):

@@ -13,7 +13,8 @@ Results go to stdout and to ``output_file`` as JSON::
 
     {"perplexity": {"<file>": {"ppl", "nll", "tokens"}, ..., "all": {...}} | null,
      "lm_eval": {"results": {...}, "versions": ..., "n-shot": ..., ...} | null,
-     "metrics": {"load_seconds", "tokens_per_second", "peak_host_rss_bytes"}}
+     "metrics": {"threads", "load_seconds", "tokens_per_second", "peak_host_rss_bytes",
+                 "quantize_cache": "hit" | "written" | "off", "quantize_cache_file"}}
 """
 
 # No `from __future__ import annotations`: `tune run` executes this module as
@@ -35,7 +36,7 @@ from leangen.errors import ConfigError
 from leangen.generation import context_limit
 from leangen.lm_eval_tasks import load_tasks
 from leangen.load import resolve_device
-from leangen.metrics import peak_host_rss_bytes, summary
+from leangen.metrics import peak_host_rss_bytes, quant_cache_metrics, summary
 from leangen.perplexity import Score, Throughput, perplexity
 from leangen.text import resolve_add_bos, tokenize
 
@@ -92,6 +93,7 @@ class EvalRecipe:
         start = time.perf_counter()
         self.model = model_from_config(cfg, self.device, positions=cfg.max_seq_len)  # windows, requests
         self.metrics["load_seconds"] = time.perf_counter() - start
+        self.metrics.update(quant_cache_metrics(self.model))
         limit, why = context_limit(self.model)
         if cfg.max_seq_len > limit:
             raise ConfigError(f"max_seq_len={cfg.max_seq_len} is more than {why}; set "

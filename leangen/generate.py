@@ -24,7 +24,8 @@ from leangen.config import config_key, output_path, parse_args, run_recipe
 from leangen.errors import ConfigError, Interrupted
 from leangen.generation import Completions, check_fits, complete
 from leangen.load import resolve_device
-from leangen.metrics import model_bytes, peak_device_bytes, peak_host_rss_bytes, summary
+from leangen.metrics import (model_bytes, peak_device_bytes, peak_host_rss_bytes, quant_cache_metrics,
+                             summary)
 from leangen.outputs import ResultFile, write_result
 from leangen.sampling import check_sampling, sample
 from leangen.text import IncrementalDecoder, Prompt, prompts_from_config
@@ -151,6 +152,7 @@ class GenerateRecipe:
             peak_device_bytes=peak_device_bytes(self.device),
             quantized=self.model.leangen_quantized,  # {quantized, skipped} Linear counts, or None
             prepacked=self.model.leangen_prepacked,  # Linears in oneDNN's layout, or None
+            **quant_cache_metrics(self.model),
         )
 
 

@@ -18,6 +18,7 @@ from leangen.errors import ConfigError, ConversionError, LeangenError
 from leangen.hf_config import builder_for, check_model, parse_config
 from leangen.move import chain, move_to_device
 from leangen.prepack import Prepacker
+from leangen.quant_cache import CacheSetting, open_cache
 from leangen.quantize import QuantSetting, Quantizer
 from leangen.rope import match_stored_layout, qk_layout
 from leangen.view import Checkpoint, open_checkpoint
@@ -45,7 +46,8 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
                dtype: str | torch.dtype = "auto", model_type: str = "auto",
                strict_config: bool = True, rope_positions: int | None = None,
                on_stage: OnStage | None = None, quantize: QuantSetting = None,
-               prepack: bool = False, **builder_kwargs: Any) -> torch.nn.Module:
+               prepack: bool = False, quantize_cache: CacheSetting = None,
+               **builder_kwargs: Any) -> torch.nn.Module:
     """Build ``builder`` on meta and fill it from ``checkpoint`` without copying.
 
     - ``builder``: a dotted path, a callable, a DictConfig with ``_component_``, or
@@ -72,6 +74,11 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
       into oneDNN's blocked layout (``leangen.prepack``): decode is faster, but those
       weights then take anonymous memory instead of being the file's mmap.
       ``model.leangen_prepacked`` counts them (None when off).
+    - ``quantize_cache`` (None, "auto" or a folder; only with ``quantize``): the quantized
+      weights are written once to ``<folder>/<entry>.safetensors`` ("auto":
+      ``$XDG_CACHE_HOME/leangen``, else ``~/.cache/leangen``), and later loads with the
+      same key mmap them instead of quantizing (``leangen.quant_cache``).
+      ``model.leangen_quant_cache`` is ``{"status": "hit" | "written" | "off", "file": path}``.
 
     Returns the model in eval mode on ``device``, nothing on meta, with the parsed
     config.json as ``model.leangen_config`` (None without one).
@@ -99,18 +106,32 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
     dtype = resolve_dtype(dtype, view, device)
     quantizer = Quantizer.for_load(quantize, device, dtype)  # None: keep full precision
     prepacker = Prepacker.for_load(prepack, device, dtype)  # None: keep the mmap
+    cache = open_cache(quantize_cache, raw.files, raw.config, quantizer, dtype, builder=builder,
+                       builder_kwargs=builder_kwargs, model_type=model_type,
+                       family=view.family.name, qk_layout=qk_layout(model))
     mark("open checkpoint (headers, key plan, RoPE layout)")
     pending = assign(model, view)
     mark("assign mmap views")
+    # the quantizer's (or the cache's) and the prepacker's counts replace them
+    model.leangen_quantized = model.leangen_prepacked = None
+    # A hit: the quantized Linears are the cache file's mmap, final; nothing left to quantize.
+    cached = cache.install(model, quantizer) if cache else set()
+    if cached:
+        quantizer, pending = None, {n: t for n, t in pending.items() if n not in cached}
+        mark("quantized cache: install", tensors=len(cached))
     materialise_buffers(model, device, positions=rope_positions)
     mark("buffers (rope_init)", bytes=sum(b.numel() * b.element_size() for b in model.buffers()))
     nbytes = sum(t.numel() * dtype.itemsize for t in model.parameters())
     copied = sum(view.shape(n).numel() * dtype.itemsize for n in pending)
-    model.leangen_quantized = model.leangen_prepacked = None  # the hooks' counts replace them
     move_to_device(model, pending, device, dtype, finish_module=chain(quantizer, prepacker),
+                   final=cached,
                    progress=device.type != "cpu" and nbytes > _PROGRESS_BYTES)
     check_no_meta(model)
     mark("move: q/k permutation and casts", bytes=copied, tensors=len(pending))
+    if cache and not cached:
+        cache.write(model)
+        mark("quantized cache: write")
+    model.leangen_quant_cache = cache.report() if cache else {"status": "off", "file": None}
     model.leangen_config = config
     return model.eval().requires_grad_(False)
 

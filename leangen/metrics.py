@@ -16,6 +16,12 @@ def model_bytes(model: torch.nn.Module) -> int:
     return sum(tensor_bytes(p) for p in model.parameters())
 
 
+def quant_cache_metrics(model: torch.nn.Module) -> dict[str, Any]:
+    """``quantize_cache``: hit | written | off, and the entry's file when one was used."""
+    cache = model.leangen_quant_cache
+    return {"quantize_cache": cache["status"], "quantize_cache_file": cache["file"]}
+
+
 def peak_host_rss_bytes() -> int:
     """This process's own peak RSS. Linux's ru_maxrss survives exec, so a recipe started
     from a big parent would report the parent's peak; VmHWM is the process's own."""
@@ -40,7 +46,7 @@ def summary(metrics: dict[str, Any]) -> str:
     a tiny model's bandwidth does not print as 0.0."""
     device = metrics.get("peak_device_bytes")
     parts = [
-        f"load {metrics['load_seconds']:.2f} s",
+        f"load {metrics['load_seconds']:.2f} s" + _cache_note(metrics),
         f"first token {metrics['first_token_seconds']:.2f} s" if "first_token_seconds" in metrics else None,
         f"{metrics['tokens_per_second']:.1f} tok/s" if metrics.get("tokens_per_second") else None,
         f"{_figure(metrics['bandwidth_gb_per_s'])} GB/s" if metrics.get("bandwidth_gb_per_s") else None,
@@ -49,6 +55,14 @@ def summary(metrics: dict[str, Any]) -> str:
         f"peak device {_figure(device / 1e9)} GB" if device is not None else None,
     ]
     return " | ".join(p for p in parts if p)
+
+
+def _cache_note(metrics: dict[str, Any]) -> str:
+    """A hit, or where a new entry went (the one place a run says it wrote to the cache)."""
+    status = metrics.get("quantize_cache")
+    if status == "hit":
+        return " (quantized cache hit)"
+    return f" (quantized cache written: {metrics['quantize_cache_file']})" if status == "written" else ""
 
 
 def _figure(value: float) -> str:

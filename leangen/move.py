@@ -9,7 +9,7 @@ ever exists on the host.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Collection
 
 import torch
 from tqdm import tqdm
@@ -91,8 +91,9 @@ def chain(*hooks: FinishModule | None) -> FinishModule | None:
 
 def move_to_device(model: torch.nn.Module, pending: dict[str, Transform], device: torch.device,
                    dtype: torch.dtype, *, progress: bool = False,
-                   finish_module: FinishModule | None = None) -> None:
-    """Give every parameter (and persistent buffer) its final device, layout and dtype.
+                   finish_module: FinishModule | None = None, final: Collection[str] = ()) -> None:
+    """Give every parameter (and persistent buffer) its final device, layout and dtype;
+    those named in ``final`` already have them (quantized weights from the cache).
 
     Modules are finished in post-order: a module's own tensors, then
     ``finish_module(name, module)`` once its subtree is done (the root, ``""``, last), so
@@ -108,7 +109,8 @@ def move_to_device(model: torch.nn.Module, pending: dict[str, Transform], device
         names = [prefix + n for n in _own_tensors(module)] if prefix else list(tensors)
         for name in names:
             tensor = tensors.pop(name, None)
-            if tensor is not None:  # None: not in the state_dict, or a shared module's, done
+            # None: not in the state_dict, or a shared module's, done
+            if tensor is not None and name not in final:
                 _move(tensor, pending.get(name), stager, dtype)
                 bar.update()
         tensor = None  # hold no reference to what the hook may replace

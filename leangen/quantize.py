@@ -85,7 +85,8 @@ class Quantizer:
     def __init__(self, spec: QuantSpec, device: torch.device, dtype: torch.dtype):
         from torchao.quantization import quantize_  # the import takes ~1 s: only when asked
 
-        self.spec, self.device, self._quantize_ = spec, torch.device(device), quantize_
+        self.spec, self.device, self.dtype = spec, torch.device(device), dtype
+        self._quantize_ = quantize_
         if spec.kind == "int4" and self.device.type == "cuda" and dtype != torch.bfloat16:
             raise ConfigError(f"quantize: int4 on CUDA needs dtype bf16 (torchao's tinygemm "
                               f"kernel), not {dtype}. Set dtype: bf16, or use int8.")
@@ -137,6 +138,22 @@ class Quantizer:
         self._quantize_(linear, config)
         self.counts["quantized"] += 1
 
+    def targets(self, model: torch.nn.Module) -> dict[str, torch.Size | None]:
+        """Every Linear this hook would meet, by module name (a tied output under its
+        attribute's name): its weight's shape, or None for one it would leave unquantized.
+        The quantized cache checks an entry against it before trusting the entry."""
+        found = {}
+        for prefix, module in model.named_modules():
+            if type(module) is torch.nn.Linear:
+                found[prefix] = module.weight.shape if self.config(module) is not None else None
+            for attr, value in vars(module).items():
+                if _is_tied_linear(value):
+                    rows, cols = value.tied_module.weight.shape
+                    linear = torch.nn.Linear(cols, rows, bias=False, device="meta")
+                    name = f"{prefix}.{attr}" if prefix else attr
+                    found[name] = linear.weight.shape if self.config(linear) is not None else None
+        return found
+
     def untie(self, tied) -> torch.nn.Linear:
         """A Linear sharing the embedding's weight, then quantized: its own quantized copy,
         and the embedding's tensor untouched. Unquantized (skipped), it stays shared."""
@@ -176,9 +193,14 @@ def _is_tied_linear(value) -> bool:
     return isinstance(value, TiedLinear)
 
 
+def is_tensor_subclass(t: torch.Tensor) -> bool:
+    """A wrapper tensor (torchao's quantized weights) made of inner tensors."""
+    return type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__")
+
+
 def tensor_bytes(t: torch.Tensor) -> int:
     """Bytes a tensor holds; a tensor subclass (torchao's) counts its inner tensors."""
-    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+    if is_tensor_subclass(t):
         names, _ = t.__tensor_flatten__()
         return sum(tensor_bytes(getattr(t, n)) for n in names)
     return t.numel() * t.element_size()

@@ -19,6 +19,15 @@ from tiny_models import TinyCheckpoint, make_hf_checkpoint
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def cache_home(tmp_path_factory, monkeypatch):
+    """Each test's own $XDG_CACHE_HOME: the recipes' quantized cache (quantize_cache: auto)
+    never writes to the real home, and no test sees another's entries."""
+    folder = tmp_path_factory.mktemp("xdg-cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """``tiny_checkpoint(family, fmt=..., shards=..., tied=...)`` -> TinyCheckpoint, cached."""

@@ -1,0 +1,318 @@
+"""The quantized cache (leangen.quant_cache): written once, then mmap'd instead of quantizing."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import leangen
+import leangen.quant_cache as quant_cache
+from leangen.errors import ConfigError
+from leangen.quant_cache import QuantCacheWarning, cache_dir
+from leangen.quantize import Quantizer
+
+from test_load import _mapped_file
+from tiny_models import make_hf_checkpoint
+
+TOKENS = torch.tensor([[1, 5, 9, 17, 33, 65, 100, 3]])
+
+
+def load(ckpt, **kwargs) -> torch.nn.Module:
+    return leangen.load_model(ckpt.builder, ckpt.path, **{**ckpt.builder_kwargs, **kwargs})
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKENS)
+
+
+def status(model: torch.nn.Module) -> str:
+    return model.leangen_quant_cache["status"]
+
+
+def entries(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def cache_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, QuantCacheWarning)]
+
+
+def load_warned(ckpt, **kwargs) -> tuple[torch.nn.Module, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load(ckpt, **kwargs)
+    return model, cache_warnings(caught)
+
+
+@pytest.fixture
+def own_checkpoint(tmp_path):
+    """A tiny tied llama3_2 checkpoint this test may change (touch, overwrite)."""
+    return make_hf_checkpoint("llama3_2", tmp_path / "checkpoint")
+
+
+# -- a hit is the same model, made without quantizing ------------------------------------
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_a_cached_load_gives_bit_identical_logits(tiny_checkpoint, cache_home, kind, tied):
+    ckpt = tiny_checkpoint("llama3_2", tied=tied)
+    fresh = load(ckpt, quantize=kind)
+    written = load(ckpt, quantize=kind, quantize_cache="auto")
+    hit = load(ckpt, quantize=kind, quantize_cache="auto")
+    assert (status(fresh), status(written), status(hit)) == ("off", "written", "hit")
+    assert len(entries(cache_home / "leangen")) == 1
+    assert hit.leangen_quantized == fresh.leangen_quantized == {"quantized": 15, "skipped": 0}
+    assert type(hit.output.weight) is type(fresh.output.weight) is not torch.nn.Parameter
+    assert torch.equal(logits(hit), logits(fresh)) and torch.equal(logits(written), logits(fresh))
+
+
+def test_a_pickled_checkpoint_is_cached_too(tiny_checkpoint):
+    ckpt = tiny_checkpoint("llama", fmt="bin")  # untied llama2, pytorch_model*.bin: no header to hash
+    fresh = load(ckpt, quantize="int4")
+    assert status(load(ckpt, quantize="int4", quantize_cache="auto")) == "written"
+    hit = load(ckpt, quantize="int4", quantize_cache="auto")
+    assert status(hit) == "hit" and torch.equal(logits(hit), logits(fresh))
+
+
+def test_a_hit_quantizes_nothing_and_only_the_linears_come_from_the_cache(tiny_checkpoint, cache_home,
+                                                                          monkeypatch):
+    ckpt = tiny_checkpoint("llama3_2")  # tied: the output is a Linear of its own from the cache
+    load(ckpt, quantize="int8", quantize_cache="auto")
+
+    def refuse(*args):
+        raise AssertionError("a cache hit quantized or wrote")
+
+    monkeypatch.setattr(Quantizer, "quantize_linear", refuse)
+    monkeypatch.setattr(quant_cache, "_atomic_save", refuse)  # a hit writes nothing either
+    model = load(ckpt, quantize="int8", quantize_cache="auto")
+    assert status(model) == "hit"
+    entry = str(entries(cache_home / "leangen")[0].resolve())
+    shards = {str(f.resolve()) for f in ckpt.path.glob("*.safetensors")}
+    quantized = 0
+    for name, p in model.named_parameters():
+        if type(p) is torch.nn.Parameter:  # embedding, norms: still the checkpoint's mmap
+            assert _mapped_file(p)[0] in shards, name
+        else:  # the packed int8 rows and their scales: the cache file's mmap
+            quantized += 1
+            assert _mapped_file(p.tensor_impl.int_data)[0] == entry, name
+            assert _mapped_file(p.tensor_impl.scale)[0] == entry, name
+    assert quantized == 15
+
+
+def test_a_hit_reads_no_full_precision_linear_weight(own_checkpoint):
+    """Zero every Linear weight in the checkpoint's files, keeping their size, header and
+    mtime (the key): a hit still gives the same logits, so it never read those bytes."""
+    first = load(own_checkpoint, quantize="int8", quantize_cache="auto")
+    for shard in own_checkpoint.path.glob("*.safetensors"):
+        _zero_tensors(shard, lambda name: name.endswith("proj.weight"))
+    hit = load(own_checkpoint, quantize="int8", quantize_cache="auto")
+    assert status(hit) == "hit" and torch.equal(logits(hit), logits(first))
+    assert not torch.equal(logits(load(own_checkpoint, quantize="int8")), logits(first))  # zeroing shows
+
+
+def _zero_tensors(path: Path, which) -> None:
+    stat = path.stat()
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        for name, info in header.items():
+            if name != "__metadata__" and which(name):
+                start, end = info["data_offsets"]
+                f.seek(8 + length + start)
+                f.write(bytes(end - start))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+# -- where it lives ----------------------------------------------------------------------
+
+def test_auto_is_xdg_cache_home_else_home_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir("auto") == tmp_path / "xdg" / "leangen"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for unset_or_relative in ("", "relative/cache"):  # the XDG spec ignores a relative one
+        monkeypatch.setenv("XDG_CACHE_HOME", unset_or_relative)
+        assert cache_dir("auto") == tmp_path / "home" / ".cache" / "leangen"
+    assert cache_dir("~/elsewhere") == tmp_path / "home" / "elsewhere"
+    assert cache_dir(None) is None and cache_dir("null") is None
+
+
+def test_a_folder_can_be_given_and_null_turns_the_cache_off(tiny_checkpoint, cache_home, tmp_path):
+    ckpt = tiny_checkpoint("llama3_2")
+    model = load(ckpt, quantize="int8", quantize_cache=tmp_path / "mine")
+    assert status(model) == "written" and len(entries(tmp_path / "mine")) == 1
+    assert model.leangen_quant_cache["file"] == str(entries(tmp_path / "mine")[0])
+    for off in (None, "null"):
+        assert status(load(ckpt, quantize="int4", quantize_cache=off)) == "off"
+    assert status(load(ckpt, quantize_cache="auto")) == "off"  # nothing quantized, nothing cached
+    assert not (cache_home / "leangen").exists()
+
+
+def test_the_checkpoint_folder_is_never_written(tiny_checkpoint, digest):
+    ckpt = tiny_checkpoint("llama3_2")
+    before = digest(ckpt.path)
+    for kind in ("int8", "int4", "int8"):
+        load(ckpt, quantize=kind, quantize_cache="auto")
+    assert digest(ckpt.path) == before  # same listing, same bytes
+    for inside in (ckpt.path, ckpt.path / "cache"):
+        with pytest.raises(ConfigError, match="never writes"):
+            load(ckpt, quantize="int8", quantize_cache=inside)
+    assert digest(ckpt.path) == before
+
+
+# -- what invalidates it -----------------------------------------------------------------
+
+def test_a_changed_file_or_version_is_stale_and_rebuilt_in_place(own_checkpoint, cache_home, monkeypatch):
+    load(own_checkpoint, quantize="int8", quantize_cache="auto")
+    [entry] = entries(cache_home / "leangen")
+    shard = sorted(own_checkpoint.path.glob("*.safetensors"))[0]
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # touched
+    model, warned = load_warned(own_checkpoint, quantize="int8", quantize_cache="auto")
+    assert status(model) == "written" and warned == [f"quantized cache {entry} is stale (files changed); "
+                                                      "rebuilding it."]
+    real = quant_cache._versions()
+    monkeypatch.setattr(quant_cache, "_versions", lambda: {**real, "torchao": "99.0"})
+    model, warned = load_warned(own_checkpoint, quantize="int8", quantize_cache="auto")
+    assert status(model) == "written" and len(warned) == 1 and "(versions changed)" in warned[0]
+    assert entries(cache_home / "leangen") == [entry]  # replaced, not piled up
+    model, warned = load_warned(own_checkpoint, quantize="int8", quantize_cache="auto")
+    assert status(model) == "hit" and warned == []
+
+
+def test_a_changed_header_is_stale(own_checkpoint):
+    """Same size and mtime, another header (its metadata, here): the header's hash tells."""
+    load(own_checkpoint, quantize="int8", quantize_cache="auto")
+    shard = sorted(own_checkpoint.path.glob("*.safetensors"))[0]
+    stat, data = shard.stat(), shard.read_bytes()
+    assert b'"format":"pt"' in data[:4096]
+    shard.write_bytes(data.replace(b'"format":"pt"', b'"format":"PT"', 1))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    model, warned = load_warned(own_checkpoint, quantize="int8", quantize_cache="auto")
+    assert status(model) == "written" and len(warned) == 1 and "(files changed)" in warned[0]
+
+
+def test_other_settings_are_other_entries(tiny_checkpoint, cache_home):
+    ckpt = tiny_checkpoint("llama3_2")
+    settings = [dict(quantize="int8"), dict(quantize="int4"),
+                dict(quantize=leangen.quantize.QuantSpec("int4", group_size=32)),
+                dict(quantize="int8", dtype="bf16"), dict(quantize="int8", max_seq_len=256)]
+    for setting in settings:
+        model, warned = load_warned(ckpt, quantize_cache="auto", **setting)
+        assert status(model) == "written" and warned == []
+    assert len(entries(cache_home / "leangen")) == len(settings)
+    for setting in settings:
+        assert status(load(ckpt, quantize_cache="auto", **setting)) == "hit"
+
+
+# -- corrupt and unwritable --------------------------------------------------------------
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _bad_header(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[8:20] = b"{not json!!!"
+    path.write_bytes(bytes(data))
+
+
+def _rewrite(path: Path, change) -> None:
+    with safe_open(str(path), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k).clone() for k in f.keys()}, f.metadata()
+    change(tensors)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _drop_a_tensor(path: Path) -> None:
+    _rewrite(path, lambda t: t.pop(next(k for k in t if k.endswith("int_data"))))
+
+
+def _wrong_shape(path: Path) -> None:
+    def change(tensors):
+        name = next(k for k in tensors if k.endswith("int_data"))
+        tensors[name] = tensors[name][:-1].contiguous()
+    _rewrite(path, change)
+
+
+def _foreign_class(path: Path) -> None:
+    """A tampered entry naming a class outside torchao must not get it imported."""
+    with safe_open(str(path), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k).clone() for k in f.keys()}, f.metadata()
+    entry = json.loads(meta["leangen"])
+    next(iter(entry["weights"].values()))["class"] = "os:system"
+    save_file(tensors, str(path), metadata={"leangen": json.dumps(entry)})
+
+
+@pytest.mark.parametrize("corrupt, reason", [
+    (_truncate, ""), (_bad_header, ""), (_drop_a_tensor, "int_data"),
+    (_wrong_shape, "not int8 ["), (_foreign_class, "os:system is not torchao's"),
+])
+def test_a_corrupt_entry_is_reported_in_one_line_and_rebuilt(tiny_checkpoint, cache_home, corrupt, reason):
+    ckpt = tiny_checkpoint("llama3_2")
+    reference = logits(load(ckpt, quantize="int8", quantize_cache="auto"))
+    [entry] = entries(cache_home / "leangen")
+    corrupt(entry)
+    model, warned = load_warned(ckpt, quantize="int8", quantize_cache="auto")
+    assert status(model) == "written" and len(warned) == 1 and "\n" not in warned[0]
+    assert warned[0].startswith(f"quantized cache {entry} is corrupt (") and reason in warned[0]
+    assert warned[0].endswith("rebuilding it.")
+    again = load(ckpt, quantize="int8", quantize_cache="auto")
+    assert status(again) == "hit" and torch.equal(logits(again), reference)
+    assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # no temp files left
+
+
+def test_an_unwritable_cache_folder_warns_once_and_the_run_goes_on(tiny_checkpoint, read_only_dir):
+    ckpt = tiny_checkpoint("llama3_2")
+    reference = logits(load(ckpt, quantize="int4"))
+    for folder in (read_only_dir, read_only_dir / "sub"):  # can't write; can't even create
+        model, warned = load_warned(ckpt, quantize="int4", quantize_cache=folder)
+        assert status(model) == "off" and len(warned) == 1 and "\n" not in warned[0]
+        assert warned[0].startswith(f"cannot write the quantized cache {folder}/")
+        assert torch.equal(logits(model), reference)
+    assert list(read_only_dir.iterdir()) == []
+
+
+def test_a_failed_write_leaves_neither_an_entry_nor_a_temp_file(tiny_checkpoint, cache_home, monkeypatch):
+    import safetensors.torch
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    model, warned = load_warned(tiny_checkpoint("llama3_2"), quantize="int8", quantize_cache="auto")
+    assert status(model) == "off" and len(warned) == 1 and "No space left on device" in warned[0]
+    assert list((cache_home / "leangen").iterdir()) == []
+
+
+# -- the recipes ---------------------------------------------------------------------------
+
+def test_the_recipes_write_then_hit_the_cache_and_say_so(capsys, cache_home, tmp_path):
+    from leangen.eval import main as eval_main
+    from test_recipe_cli import GOLDEN_IDS, run
+
+    out, metrics = tmp_path / "out.jsonl", tmp_path / "metrics.json"
+    for expected in ("written", "hit"):
+        code, _, err = run(capsys, "--config", "demo", "quantize=int8", f"output_file={out}",
+                           f"metrics_file={metrics}")
+        assert code == 0, err
+        figures = json.loads(metrics.read_text())
+        [entry] = entries(cache_home / "leangen")
+        assert figures["quantize_cache"] == expected and figures["quantize_cache_file"] == str(entry)
+        assert json.loads(out.read_text())["tokens"] == GOLDEN_IDS
+        assert err.count("\n") == 1 and ("quantized cache hit" if expected == "hit"
+                                          else f"quantized cache written: {entry}") in err
+    results = tmp_path / "eval.json"
+    for setting, expected in (("null", "off"), ("auto", "written"), ("auto", "hit")):
+        code, _, err = run(capsys, "--config", "eval_demo", "~lm_eval", "quantize=int8",
+                           f"quantize_cache={setting}", f"output_file={results}", recipe=eval_main)
+        assert code == 0, err
+        assert json.loads(results.read_text())["metrics"]["quantize_cache"] == expected
