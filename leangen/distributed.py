@@ -11,8 +11,11 @@ instead of waiting forever. Only rank 0 prints and writes files (``Ranks.is_main
 from __future__ import annotations
 
 import os
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, Iterator
 
 import torch
 
@@ -116,3 +119,60 @@ def error_prefix() -> str:
     """'rank N: ' in a torchrun job, so that a failure names the rank it happened on."""
     ranks = ranks_from_env()
     return f"rank {ranks.rank}: " if ranks.distributed else ""
+
+
+
+def all_gather_object(obj: Any, what: str) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` in one process).
+
+    A monitored barrier comes first, so that when a peer died or did not answer within
+    the process group's timeout, rank 0's one-line error (``what`` names the exchange)
+    says which rank it was."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    with _peer_errors(what):
+        dist.monitored_barrier(_monitor_group(), timeout=_timeout(), wait_all_ranks=True)
+        dist.all_gather_object(out, obj)
+    return out
+
+
+# (the default process group, a gloo group over the same ranks): monitored_barrier
+# exists on gloo only, so an NCCL job watches its ranks through a gloo side group.
+_monitor: tuple[Any, Any] | None = None
+
+
+def _monitor_group():
+    import torch.distributed as dist
+
+    global _monitor
+    if dist.get_backend() == "gloo":
+        return None
+    world = dist.distributed_c10d._get_default_group()
+    if _monitor is None or _monitor[0] is not world:  # a new process group since the last
+        _monitor = (world, dist.new_group(backend="gloo", timeout=_timeout()))
+    return _monitor[1]
+
+
+_BARRIER_FAILED = re.compile(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier")
+
+
+@contextmanager
+def _peer_errors(what: str) -> Iterator[None]:
+    """A failed exchange as one line; rank 0 names the ranks that failed or hung."""
+    import torch.distributed as dist
+
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as e:  # gloo/NCCL errors, timeouts included
+        within = f"within {_timeout().total_seconds():g} s ({TIMEOUT_ENV})"
+        failed = _BARRIER_FAILED.search(str(e))
+        if failed:
+            ranks = failed.group(1).strip(" ,")
+            who = f"rank {ranks}" if "," not in ranks else f"ranks {ranks}"
+            raise LeangenError(f"{what}: {who} stopped or did not answer {within}; a rank that "
+                               "stopped on an error printed it.") from e
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(e).split())).split(". ")[0]
+        raise LeangenError(f"{what}: another rank stopped or did not answer {within} ({detail}).") from e

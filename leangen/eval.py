@@ -9,12 +9,22 @@ Two kinds of evaluation, either or both in one run:
 - ``lm_eval``: lm-evaluation-harness tasks, built-in or local through ``include_path``,
   scored by ``leangen.lm_eval_adapter.LeangenLM`` (needs lm-eval: see ``leangen.lm_eval_tasks.INSTALL_HINT``).
 
+Data-parallel under torchrun (``torchrun --nproc_per_node N -m leangen.eval --config X``,
+or ``tune run --nproc_per_node N leangen/eval --config X``): each rank loads the whole
+model on its own device, the perplexity windows and the lm-eval requests are split across
+the ranks in batches, and every result is gathered, so the numbers are those of one
+process. Only rank 0 prints and writes ``output_file``.
+
 Results go to stdout and to ``output_file`` as JSON::
 
     {"perplexity": {"<file>": {"ppl", "nll", "tokens"}, ..., "all": {...}} | null,
      "lm_eval": {"results": {...}, "versions": ..., "n-shot": ..., ...} | null,
      "metrics": {"threads", "load_seconds", "tokens_per_second", "peak_host_rss_bytes",
                  "quantize_cache": "hit" | "written" | "off", "quantize_cache_file"}}
+
+With several ranks, ``metrics`` also holds ``world_size`` and ``per_rank`` (each rank's
+own three figures); ``load_seconds`` and ``peak_host_rss_bytes`` are then the largest of
+the ranks', and ``tokens_per_second`` is all ranks' tokens over the longest rank's time.
 """
 
 # No `from __future__ import annotations`: `tune run` executes this module as
@@ -32,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from leangen.components import (ModelKeys, model_from_config, quant_spec, set_threads,
                                 tokenizer_from_config)
 from leangen.config import config_key, output_path, parse_args, run_recipe
+from leangen.distributed import all_gather_object, rank_device, ranks_from_env, start
 from leangen.errors import ConfigError
 from leangen.generation import context_limit
 from leangen.lm_eval_tasks import load_tasks
@@ -76,13 +87,17 @@ class EvalConfig(ModelKeys):
 
 class EvalRecipe:
     def __init__(self, cfg: DictConfig):
-        self.device = resolve_device(cfg.device)
+        ranks = ranks_from_env()
+        self.device = resolve_device(rank_device(cfg.device, ranks))  # auto, cuda: cuda:LOCAL_RANK
+        self.ranks = start(self.device, ranks)  # a process group when torchrun started several
+        if not self.ranks.is_main:
+            _quiet_progress()
         self.throughput = Throughput()
         self.metrics: dict[str, Any] = {"threads": set_threads(cfg.threads)}
 
     def setup(self, cfg: DictConfig) -> None:
         """Everything that can fail on the user's input fails here, before any scoring starts."""
-        _reject_bad_options(cfg)
+        _reject_bad_options(cfg, writes=self.ranks.is_main)
         texts = {path: _read_text(path) for path in cfg.perplexity.files} if cfg.perplexity else {}
         self.tokenizer = tokenizer_from_config(cfg)
         resolve_add_bos(cfg.add_bos, self.tokenizer)  # a bad value fails before the load
@@ -107,6 +122,8 @@ class EvalRecipe:
         # 3. report: stdout, the JSON file, the metrics line on stderr
         self._record_metrics()
         results = {"perplexity": ppl, "lm_eval": harness, "metrics": self.metrics}
+        if not self.ranks.is_main:  # every rank holds the results; rank 0 reports them
+            return results
         _print_results(results)
         if cfg.output_file:
             output_path("output_file", cfg.output_file).write_text(
@@ -117,7 +134,7 @@ class EvalRecipe:
     def _perplexity(self, cfg: DictConfig) -> dict:
         scores = perplexity(self.model, list(self.sequences.values()), max_seq_len=cfg.max_seq_len,
                             stride=cfg.perplexity.stride, batch_size=cfg.batch_size,
-                            throughput=self.throughput)
+                            throughput=self.throughput, ranks=self.ranks)
         total = Score()
         for score in scores:
             total.add(score)
@@ -136,7 +153,8 @@ class EvalRecipe:
 
         block = cfg.lm_eval
         lm = LeangenLM(self.model, self.tokenizer, max_length=cfg.max_seq_len,
-                       batch_size=cfg.batch_size, throughput=self.throughput, add_bos=cfg.add_bos)
+                       batch_size=cfg.batch_size, throughput=self.throughput, add_bos=cfg.add_bos,
+                       ranks=self.ranks)
         out = evaluate(lm=lm, task_dict=self.task_dict, limit=block.limit,
                        apply_chat_template=block.apply_chat_template, fewshot_as_multiturn=True,
                        log_samples=False)
@@ -145,12 +163,35 @@ class EvalRecipe:
 
     def _record_metrics(self) -> None:
         """Tokens the model read (padding excluded) per second of model time, all parts
-        together; and the process's peak RSS, as generate records it."""
+        together; and the process's peak RSS, as generate records it. Several ranks: the
+        job's figures (module docstring), and each rank's own under ``per_rank``."""
         self.metrics["tokens_per_second"] = self.throughput.tokens_per_second
         self.metrics["peak_host_rss_bytes"] = peak_host_rss_bytes()
+        if not self.ranks.distributed:
+            return
+        own = {key: self.metrics[key] for key in ("load_seconds", "tokens_per_second", "peak_host_rss_bytes")}
+        parts = all_gather_object((own, self.throughput.tokens, self.throughput.seconds), "gathering the metrics")
+        seconds = max(s for _, _, s in parts)
+        self.metrics.update(
+            world_size=self.ranks.world_size,
+            load_seconds=max(p["load_seconds"] for p, _, _ in parts),
+            tokens_per_second=sum(t for _, t, _ in parts) / seconds if seconds > 0 else None,
+            peak_host_rss_bytes=max(p["peak_host_rss_bytes"] for p, _, _ in parts),
+            per_rank=[p for p, _, _ in parts],
+        )
 
 
-def _reject_bad_options(cfg: DictConfig) -> None:
+def _quiet_progress() -> None:
+    """Progress bars and lm-eval's notes from rank 0 only; the other ranks still print
+    their errors (prefixed with their rank) and Python's warnings."""
+    import logging
+    import os
+
+    os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 reads its defaults from TQDM_* variables
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+
+
+def _reject_bad_options(cfg: DictConfig, writes: bool = True) -> None:
     if cfg.perplexity:  # one path or a list of them; a list from here on
         cfg.perplexity.files = _text_files(cfg.perplexity.files)
     if cfg.model is None or cfg.tokenizer is None:
@@ -163,7 +204,8 @@ def _reject_bad_options(cfg: DictConfig) -> None:
     if stride is not None and not 1 <= stride <= cfg.max_seq_len:
         raise ConfigError(f"perplexity.stride={stride} must be between 1 and max_seq_len="
                           f"{cfg.max_seq_len} (null: max_seq_len).")
-    output_path("output_file", cfg.output_file)  # fails now, not after the scoring
+    if writes:  # only rank 0 writes: another node need not have the folder
+        output_path("output_file", cfg.output_file)  # fails now, not after the scoring
     quant_spec(cfg)  # so does a bad quantize value
 
 

@@ -6,6 +6,17 @@ is downloaded (torchtune's wrapper initialises ``HFLM(pretrained="gpt2")``, whic
 does). Scoring batches right-padded requests with the KV cache off; generation
 goes through ``leangen.generation.complete``, as in the generate recipe.
 
+Data-parallel under torchrun (``ranks``): every rank runs lm-eval's ``evaluate`` on all
+documents, and the adapter splits the model work. The requests are batched exactly as in
+one process, rank r runs every ``world_size``-th batch, and all results are gathered on
+every rank. lm-eval's own split (``lm.rank``/``lm.world_size``, one document in
+``world_size`` per rank) draws each rank's few-shot examples from a fresh random
+generator (``TODO: need to offset doc_id by rank`` in lm-eval 0.4.13's ``Task.
+build_all_requests``). Its results then differ from one process whenever
+``num_fewshot > 0``, so the adapter reports rank 0 of 1 to lm-eval, which
+``lm_eval.api.model.LM`` allows: "model methods receive all requests and can handle
+distribution internally".
+
 lm-eval is optional (``pip install lm-eval==0.4.13``, the ``eval`` extra): import this
 module only once ``lm_eval`` is known to import.
 """
@@ -13,6 +24,7 @@ module only once ``lm_eval`` is known to import.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
 from typing import Any
@@ -23,7 +35,8 @@ from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from leangen.errors import ConfigError
+from leangen.distributed import Ranks, all_gather_object
+from leangen.errors import ConfigError, LeangenError
 from leangen.generation import Completions, complete
 from leangen.perplexity import Throughput, padded_logits, token_logprobs
 from leangen.sampling import sample
@@ -43,7 +56,8 @@ class LeangenLM(TemplateLM):
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, max_length: int,
                  batch_size: int = 8, max_gen_toks: int = 256,
-                 throughput: Throughput | None = None, add_bos: str | bool = "auto"):
+                 throughput: Throughput | None = None, add_bos: str | bool = "auto",
+                 ranks: Ranks = Ranks()):
         super().__init__()
         self.model = model
         self._tokenizer = tokenizer  # not `tokenizer`: lm-eval treats that one as an HF tokenizer
@@ -54,6 +68,7 @@ class LeangenLM(TemplateLM):
         self.throughput = throughput if throughput is not None else Throughput()
         self._templated: list[tuple[str, list[int]]] = []
         self._add_bos = resolve_add_bos(add_bos, tokenizer)  # auto: what transformers' tokenizer(text) does
+        self.ranks = ranks  # torchrun's ranks: not lm-eval's rank/world_size (see the module docstring)
 
     @property
     def eot_token_id(self) -> int:
@@ -114,17 +129,44 @@ class LeangenLM(TemplateLM):
         A context too long for ``max_length`` loses tokens from the left.
         """
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
-        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-        bar = tqdm(total=len(requests), desc="loglikelihood", disable=disable_tqdm)
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
-            for i, answer in zip(batch, self._score_batch([requests[i] for i in batch])):
-                results[i] = answer
-                if requests[i][0] is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+        batches = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        mine = self._share(batches)
+        answers: dict[int, tuple[float, bool]] = {}
+        bar = tqdm(total=sum(map(len, mine)), desc="loglikelihood", disable=disable_tqdm or not self.ranks.is_main)
+        for batch in mine:
+            answers.update(zip(batch, self._score_batch([requests[i] for i in batch])))
             bar.update(len(batch))
         bar.close()
+        answers = self._gather(answers, "lm-eval loglikelihood",
+                               lambda: [(r[1], r[2]) for r in requests])
+        results = [answers[i] for i in range(len(requests))]
+        for request, answer in zip(requests, results):
+            if request[0] is not None:
+                self.cache_hook.add_partial("loglikelihood", request[0], answer)
         return results
+
+    # -- data-parallel ranks ----------------------------------------------------------
+
+    def _share(self, batches: list) -> list:
+        """This rank's batches: every ``world_size``-th, starting at its rank."""
+        return batches[self.ranks.rank::self.ranks.world_size]
+
+    def _gather(self, answers: dict[int, Any], what: str, requests) -> dict[int, Any]:
+        """Every rank's answers, by request index, on every rank. ``requests()`` (called
+        only on several ranks) gives what the answers depend on: the ranks must have built
+        the same requests in the same order, or they would hand back each other's answers."""
+        if not self.ranks.distributed:
+            return answers
+        digest = hashlib.sha256(repr(requests()).encode()).hexdigest()
+        parts = all_gather_object((digest, answers), f"gathering the {what} results")
+        if any(d != digest for d, _ in parts):
+            differ = [rank for rank, (d, _) in enumerate(parts) if d != parts[0][0]]
+            raise LeangenError(f"{what}: ranks {differ} built other requests than rank 0; "
+                               "every rank must see the same tasks, data and config.")
+        merged: dict[int, Any] = {}
+        for _, part in parts:
+            merged.update(part)
+        return merged
 
     def _score_batch(self, batch: list[Request]) -> list[tuple[float, bool]]:
         for _, _, continuation in batch:
@@ -172,24 +214,29 @@ class LeangenLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy (or sampled, if the task asks) continuations, cut at the first of the
         ``until`` strings, at a stop token, or after ``max_gen_toks`` tokens."""
-        results: list[str] = [""] * len(requests)
         groups: dict[str, list[int]] = {}  # one batch shape per distinct gen_kwargs
         for i, request in enumerate(requests):
             groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(i)
-        bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm)
+        batches, prompts = [], {}  # (gen kwargs, request indices), in one-process order
         for indices in groups.values():
             kwargs = normalize_gen_kwargs(requests[indices[0]].args[1], self.max_gen_toks)
-            prompts = {i: self._generation_prompt(requests[i].args[0], kwargs["max_gen_toks"])
-                       for i in indices}
+            prompts.update((i, self._generation_prompt(requests[i].args[0], kwargs["max_gen_toks"]))
+                           for i in indices)
             indices.sort(key=lambda i: -len(prompts[i]))
-            for start in range(0, len(indices), self.batch_size):
-                batch = indices[start:start + self.batch_size]
-                texts = self._generate_batch([prompts[i] for i in batch], kwargs)
-                for i, text in zip(batch, texts):
-                    results[i] = text
-                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
-                bar.update(len(batch))
+            batches += [(kwargs, indices[start:start + self.batch_size])
+                        for start in range(0, len(indices), self.batch_size)]
+        mine = self._share(batches)
+        texts: dict[int, str] = {}
+        bar = tqdm(total=sum(len(b) for _, b in mine), desc="generate_until",
+                   disable=disable_tqdm or not self.ranks.is_main)
+        for kwargs, batch in mine:
+            texts.update(zip(batch, self._generate_batch([prompts[i] for i in batch], kwargs)))
+            bar.update(len(batch))
         bar.close()
+        texts = self._gather(texts, "lm-eval generate_until", lambda: [r.args for r in requests])
+        results = [texts[i] for i in range(len(requests))]
+        for request, text in zip(requests, results):
+            self.cache_hook.add_partial("generate_until", request.args, text)
         return results
 
     def _generation_prompt(self, context: str, max_gen_toks: int) -> list[int]:

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from leangen.distributed import Ranks, all_gather_object
+
 # Positions per float32 log-softmax call: bounds the float32 copy of the logits
 # (1024 x a 128k vocabulary is 0.5 GB) whatever the window and batch sizes.
 _LOGSOFTMAX_CHUNK = 1024
@@ -99,24 +101,37 @@ def windows(n_tokens: int, max_seq_len: int, stride: int, seq: int = 0) -> list[
 @torch.inference_mode()
 def perplexity(model: torch.nn.Module, sequences: list[list[int]], *, max_seq_len: int,
                stride: int | None = None, batch_size: int = 8, progress: bool = True,
-               throughput: Throughput | None = None) -> list[Score]:
-    """One ``Score`` per sequence; ``stride=None`` means ``max_seq_len``."""
+               throughput: Throughput | None = None, ranks: Ranks = Ranks()) -> list[Score]:
+    """One ``Score`` per sequence; ``stride=None`` means ``max_seq_len``.
+
+    Data-parallel under torchrun: every rank plans the same batches and scores every
+    ``world_size``-th one (so each batch holds the windows it holds in one process), the
+    window NLLs are gathered, and every rank sums them in plan order, as one process does.
+    """
     stride = stride or max_seq_len
     plan = [w for i, seq in enumerate(sequences) for w in windows(len(seq), max_seq_len, stride, i)]
-    scores = [Score() for _ in sequences]
+    batches = list(_batches(list(enumerate(plan)), batch_size))[ranks.rank::ranks.world_size]
     throughput = throughput if throughput is not None else Throughput()
-    with tqdm(total=len(plan), desc="perplexity", unit="window", disable=not progress) as bar:
-        for batch in _batches(plan, batch_size):
-            rows = [sequences[w.seq][w.begin:w.end] for w in batch]
+    nll: dict[int, float] = {}  # window index in the plan -> summed NLL of its scored tokens
+    total = sum(map(len, batches))
+    with tqdm(total=total, desc="perplexity", unit="window", disable=not progress or not ranks.is_main) as bar:
+        for batch in batches:
+            rows = [sequences[w.seq][w.begin:w.end] for _, w in batch]
             with throughput:
                 logits = padded_logits(model, rows)
-                for w, row_logits in zip(batch, logits):
+                for (index, w), row_logits in zip(batch, logits):
                     # logits at position p predict token p + 1 of the window
                     targets = torch.tensor(sequences[w.seq][w.first:w.end], device=row_logits.device)
                     predicting = row_logits[w.first - w.begin - 1:w.end - w.begin - 1]
-                    scores[w.seq].add(Score(-float(token_logprobs(predicting, targets).sum()), len(targets)))
+                    nll[index] = -float(token_logprobs(predicting, targets).sum())
             throughput.tokens += sum(len(r) for r in rows)
             bar.update(len(batch))
+    if ranks.distributed:
+        for part in all_gather_object(nll, "gathering the perplexity windows' scores"):
+            nll.update(part)
+    scores = [Score() for _ in sequences]
+    for index, w in enumerate(plan):  # Python floats: float64 sums, in one fixed order
+        scores[w.seq].add(Score(nll[index], w.end - w.first))
     return scores
 
 

@@ -1,0 +1,26 @@
+"""``python -m leangen.eval`` with one rank made to fail while scoring, for
+tests/test_eval_parallel.py (run under torchrun; not a test module itself).
+
+LEANGEN_TEST_FAIL_RANK: the rank that fails (default 1). LEANGEN_TEST_FAIL: ``hang``
+(the rank stops answering, as a stuck device would) or ``raise`` (a leangen error).
+"""
+
+import os
+import sys
+import time
+
+from leangen import perplexity
+from leangen.errors import LeangenError
+from leangen.eval import main
+
+
+def fail(model, rows):
+    if os.environ.get("LEANGEN_TEST_FAIL") == "hang":
+        time.sleep(3600)
+    raise LeangenError("injected failure while scoring")
+
+
+if __name__ == "__main__":
+    if os.environ.get("RANK") == os.environ.get("LEANGEN_TEST_FAIL_RANK", "1"):
+        perplexity.padded_logits = fail
+    sys.exit(main())
