@@ -102,14 +102,14 @@ def check_divisible(geometry: Geometry | None, ranks: int) -> None:
     if geometry is None:
         raise ConfigError("tensor parallelism needs torchtune attention modules (num_heads, "
                           "num_kv_heads); this model has none.")
-    bad = [f"{n} {what}" for n, what in ((geometry.num_heads, "attention heads"),
-                                         (geometry.num_kv_heads, "kv heads")) if n % ranks]
+    bad = [what for n, what in ((geometry.num_heads, "attention heads"), (geometry.num_kv_heads, "kv heads"))
+           if n % ranks]
     if bad:
         divisors = [d for d in range(1, geometry.num_kv_heads + 1)
                     if geometry.num_heads % d == 0 and geometry.num_kv_heads % d == 0]
         raise ConfigError(
-            f"{ranks} ranks cannot split the model's {' and '.join(bad)} evenly "
-            f"({geometry.num_heads} heads, {geometry.num_kv_heads} kv heads): use "
+            f"{ranks} ranks cannot split the {' and the '.join(bad)} evenly: the model has "
+            f"{geometry.num_heads} attention heads and {geometry.num_kv_heads} kv heads. Use "
             f"--nproc_per_node {' or '.join(map(str, divisors))}."
         )
 
