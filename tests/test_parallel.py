@@ -23,6 +23,7 @@ from leangen.demo import demo_dir
 from leangen.errors import ConfigError
 from leangen.generate import main as generate_main
 from leangen.parallel import LLAMA_PLAN, check_divisible, default_plan, resolve_plan, shard_range
+from test_generate_recipe import GOLDEN
 from tiny_models import make_hf_model
 
 WORKER = Path(__file__).with_name("tp_worker.py")
@@ -32,6 +33,13 @@ CASES = {
     "llama3": ("llama3_2", False, {}),
     "mistral": ("mistral", False, {}),
     "qwen2": ("qwen2", True, {}),
+}
+# Recipe runs compared with one process: (checkpoint, overrides). Sampling checks that the
+# ranks continue with one token (rank 0's); the batch mixes prompt lengths (left padding).
+RUNS = {
+    "llama3": ("llama3", []), "mistral": ("mistral", []), "qwen2": ("qwen2", []),
+    "llama3-sampled": ("llama3", ["temperature=0.8", "top_k=20", "seed=7"]),
+    "qwen2-batch": ("qwen2", ["prompts_file={prompts}", "batch_size=2"]),
 }
 SHARD_BYTES = 60_000  # several files per checkpoint: a layer's q/k/v shards come from two files
 BIG_MODEL_MIN_BYTES = 200e6
@@ -109,8 +117,7 @@ def tp_run(folders):
     out = root / "out"
     out.mkdir()
     jobs = {"out": str(out), "memory": str(paths["big"]), "shards": str(paths["uneven"]),
-            "generate": [[name, ["--config", str(_config(root, name, paths[name])),
-                                 f"output_file={out / (name + '.jsonl')}"]] for name in CASES]}
+            "generate": [[name, _args(root, name, paths, out / f"{name}.jsonl")] for name in RUNS]}
     (root / "jobs.json").write_text(json.dumps(jobs))
     done = subprocess.run([*TORCHRUN, str(WORKER), str(root / "jobs.json")], capture_output=True,
                           text=True, timeout=600, env=_env())
@@ -118,25 +125,33 @@ def tp_run(folders):
     return out, done
 
 
+def _args(root: Path, run: str, paths: dict, output: Path) -> list[str]:
+    case, overrides = RUNS[run]
+    prompts = root / "prompts.txt"
+    prompts.write_text("one two three\nfour\nfive six seven eight nine\n")
+    return ["--config", str(_config(root, case, paths[case])), f"output_file={output}",
+            *(o.format(prompts=prompts) for o in overrides)]
+
+
 def _result(out: Path, job: str, rank: int) -> dict:
     return json.loads((out / f"{job}-rank{rank}.json").read_text())
 
 
-def _ids(path: Path) -> list[int]:
-    [record] = [json.loads(line) for line in path.read_text().splitlines()]
-    return record["tokens"]
+def _ids(path: Path) -> list[list[int]]:
+    return [json.loads(line)["tokens"] for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_tensor_parallel_greedy_ids_equal_one_process(case, folders, tp_run, tmp_path, capsys):
+@pytest.mark.parametrize("run", list(RUNS))
+def test_tensor_parallel_ids_equal_one_process(run, folders, tp_run, tmp_path, capsys):
     root, paths = folders
     out, _ = tp_run
     single = tmp_path / "single.jsonl"
-    assert generate_main(["--config", str(_config(tmp_path, case, paths[case])), f"output_file={single}"]) == 0
+    assert generate_main(_args(tmp_path, run, paths, single)) == 0
     capsys.readouterr()
-    assert _ids(out / f"{case}.jsonl") == _ids(single)
-    assert 1 <= len(_ids(single)) <= 10  # Mistral's ends early on its stop token: the ranks stop together
-    assert all(_result(out, case, rank)["exit_code"] == 0 for rank in (0, 1))
+    assert _ids(out / f"{run}.jsonl") == _ids(single)
+    # Mistral's ends early on its stop token: the ranks stop together
+    assert all(1 <= len(ids) <= 10 for ids in _ids(single))
+    assert all(_result(out, run, rank)["exit_code"] == 0 for rank in (0, 1))
 
 
 def test_checkpoints_are_sharded_across_files(folders):
@@ -150,8 +165,10 @@ def test_checkpoints_are_sharded_across_files(folders):
 
 def test_only_rank_0_prints_and_writes(tp_run):
     out, done = tp_run
-    assert done.stdout.count("one two three") == len(CASES)  # the streamed completions, once each
-    assert done.stderr.count("tok/s") == len(CASES)  # the summary line, once per run
+    # each completion once: streamed (single prompts) or printed after its batch
+    assert done.stdout.count("one two three") == len(RUNS)
+    assert done.stdout.count("five six seven eight nine") == 1
+    assert done.stderr.count("tok/s") == len(RUNS)  # the summary line, once per run
     assert not list(out.glob("*.jsonl.*"))  # no stray per-rank files
 
 
@@ -190,20 +207,18 @@ def test_each_rank_maps_its_slice_without_copying_the_model(tp_run):
         assert result["local_param_bytes"] < 0.6 * result["model_bytes"], result
 
 
-def test_tune_run_nproc_per_node(folders, tmp_path):
-    """The README's command: ``tune run --nproc_per_node 2 leangen/generate --config X``."""
-    _, paths = folders
-    out_file = tmp_path / "out.jsonl"
-    done = subprocess.run(["tune", "run", "--nproc_per_node", "2", "leangen/generate", "--config",
-                           str(_config(tmp_path, "llama3", paths["llama3"])), f"output_file={out_file}",
-                           f"metrics_file={tmp_path / 'metrics.json'}"],
+def test_readme_command_tune_run_nproc_per_node(tmp_path):
+    """The README's ``tune run --nproc_per_node 2 leangen/generate --config demo``: the
+    demo's golden count, printed once, and the metrics of rank 0."""
+    metrics_file = tmp_path / "metrics.json"
+    done = subprocess.run(["tune", "run", "--nproc_per_node", "2", "leangen/generate", "--config", "demo",
+                           f"metrics_file={metrics_file}"],
                           capture_output=True, text=True, timeout=600, env=_env(), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    single = tmp_path / "single.jsonl"
-    assert generate_main(["--config", str(tmp_path / "llama3.yaml"), f"output_file={single}"]) == 0
-    assert _ids(out_file) == _ids(single)
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["tensor_parallel"]["ranks"] == 2
+    assert done.stdout.strip().splitlines()[-1] == GOLDEN
+    assert done.stdout.count(GOLDEN) == 1 and done.stderr.count("tok/s") == 1
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["tensor_parallel"]["ranks"] == 2 and metrics["generated_tokens"] == 20
 
 
 def test_a_failing_rank_ends_the_job_and_is_named(folders, tmp_path):
