@@ -40,6 +40,7 @@ RUNS = {
     "llama3": ("llama3", []), "mistral": ("mistral", []), "qwen2": ("qwen2", []),
     "llama3-sampled": ("llama3", ["temperature=0.8", "top_k=20", "seed=7"]),
     "qwen2-batch": ("qwen2", ["prompts_file={prompts}", "batch_size=2"]),
+    "mistral-plan": ("mistral", ["tensor_parallel_plan=torchtune.models.llama3.base_llama_tp_plan"]),
 }
 SHARD_BYTES = 60_000  # several files per checkpoint: a layer's q/k/v shards come from two files
 BIG_MODEL_MIN_BYTES = 200e6
@@ -106,6 +107,12 @@ def folders(tmp_path_factory):
     out["uneven"] = root / "uneven"
     make_hf_model("llama3_2", tied=False, vocab_size=97).save_pretrained(out["uneven"], max_shard_size=SHARD_BYTES)
     out["big"] = _big_checkpoint(root / "big")
+    # what 2 ranks cannot split: 3 kv heads (of 6), an MLP 131 wide
+    out["kv3"] = root / "kv3"
+    make_hf_model("llama3_2", tied=False, num_attention_heads=6, num_key_value_heads=3, hidden_size=48,
+                  head_dim=8).save_pretrained(out["kv3"])
+    out["mlp131"] = root / "mlp131"
+    make_hf_model("llama3_2", tied=False, intermediate_size=131).save_pretrained(out["mlp131"])
     return root, out
 
 
@@ -117,6 +124,7 @@ def tp_run(folders):
     out = root / "out"
     out.mkdir()
     jobs = {"out": str(out), "memory": str(paths["big"]), "shards": str(paths["uneven"]),
+            "refusals": {name: str(paths[name]) for name in ("kv3", "mlp131")},
             "generate": [[name, _args(root, name, paths, out / f"{name}.jsonl")] for name in RUNS]}
     (root / "jobs.json").write_text(json.dumps(jobs))
     done = subprocess.run([*TORCHRUN, str(WORKER), str(root / "jobs.json")], capture_output=True,
@@ -235,6 +243,15 @@ def test_a_failing_rank_ends_the_job_and_is_named(folders, tmp_path):
     assert "[rank0]: Traceback" not in done.stderr
 
 
+def test_what_the_ranks_cannot_split_is_refused_in_one_line(tp_run):
+    out, _ = tp_run
+    for rank in (0, 1):
+        errors = _result(out, "refusals", rank)
+        assert errors["kv3"] == ("2 ranks cannot split the kv heads evenly: the model has 6 attention "
+                                 "heads and 3 kv heads. Use --nproc_per_node 1 or 3.")
+        assert errors["mlp131"].startswith("2 ranks cannot split 'layers.0.mlp.w1.weight' (size 131 along dim 0)")
+
+
 # --- without a launcher -------------------------------------------------------------------
 
 def test_heads_that_the_ranks_do_not_divide_are_one_line():
@@ -284,3 +301,35 @@ def test_a_plan_from_the_config_is_instantiated_and_copied():
         resolve_plan(lambda: [1], "anything")
     with pytest.raises(ConfigError, match="tensor_parallel_plan failed"):
         resolve_plan("no.such.plan", "anything")
+
+
+@pytest.fixture
+def own_group(tmp_path):
+    """A one-rank gloo group made by the caller (not by leangen.distributed.start)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_stop_leaves_a_group_it_did_not_make(own_group):
+    from leangen import distributed
+
+    distributed.stop()
+    assert torch.distributed.is_initialized()
+
+
+def test_a_dead_peer_in_a_collective_is_one_line(own_group):
+    from leangen.distributed import peer_failure
+    from leangen.errors import LeangenError
+
+    gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:28572.\nmore")
+    failure = peer_failure(gloo)
+    assert isinstance(failure, LeangenError) and failure.__cause__ is gloo
+    assert str(failure).startswith("a collective with the other ranks failed, so another rank probably failed")
+    assert "\n" not in str(failure)
+    assert peer_failure(RuntimeError("shape mismatch")) is None
+    assert peer_failure(LeangenError("x")) is None

@@ -2,7 +2,8 @@
 
 ``python -m torch.distributed.run --nproc_per_node 2 --standalone tests/tp_worker.py JOBS``
 where JOBS is a JSON file: {"out": dir, "memory": checkpoint or null, "shards": checkpoint
-or null, "generate": [[name, [recipe args...]], ...], "fail_rank": rank or null}. Each rank
+or null, "refusals": {name: checkpoint}, "generate": [[name, [recipe args...]], ...],
+"fail_rank": rank or null}. Each rank
 writes what it saw to ``out/<job>-rank<N>.json``; the test compares.
 """
 
@@ -108,6 +109,20 @@ def shards_job(path: str) -> dict:
     return {"params": params, "logits_max_diff": diff, "world_size": parallel.size}
 
 
+def refusals_job(paths: dict[str, str]) -> dict:
+    """The one-line error each checkpoint's load gives on these ranks."""
+    from leangen import load_model
+
+    parallel, errors = tp(), {}
+    for name, path in paths.items():
+        try:
+            load_model("auto", path, parallel=parallel)
+            errors[name] = None
+        except LeangenError as e:
+            errors[name] = str(e)
+    return errors
+
+
 def generate_job(args: list[str]) -> dict:
     from leangen.generate import main
 
@@ -142,6 +157,8 @@ def main(jobs_file: str) -> int:
         save("memory", memory_job(jobs["memory"]))
     if jobs.get("shards"):
         save("shards", shards_job(jobs["shards"]))
+    if jobs.get("refusals"):
+        save("refusals", refusals_job(jobs["refusals"]))
     codes = []
     for name, args in jobs.get("generate", []):
         result = generate_job(args)
