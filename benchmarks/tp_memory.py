@@ -74,6 +74,7 @@ def _load_full(checkpoint: str, parallel, model_type: str):
     from torchtune import training
     from torchtune.training import FullModelHFCheckpointer
 
+    from leangen.convert import Geometry
     from leangen.hf_config import builder_for, parse_config
     from leangen.load import build_on_meta
 
@@ -86,8 +87,6 @@ def _load_full(checkpoint: str, parallel, model_type: str):
     dtype = next(iter(state.values())).dtype
     with training.set_default_dtype(dtype):
         model = build_on_meta(builder, **kwargs)
-    from leangen.convert import Geometry
-
     parallel.parallelize(model, builder, Geometry.from_model(model))  # the same plan as leangen's
     with torch.device("cpu"):
         for m in model.modules():
@@ -110,9 +109,13 @@ def worker(mode: str, checkpoint: str, model_type: str, out: str) -> None:
     before = _status("RssAnon")
     start = time.perf_counter()
     with _PeakAnon() as peak:
-        model = _load_full(checkpoint, parallel, model_type) if mode == "full" else _load_leangen(checkpoint, parallel)
+        if mode == "full":
+            model = _load_full(checkpoint, parallel, model_type)
+        else:
+            model = _load_leangen(checkpoint, parallel)
     seconds = time.perf_counter() - start
-    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in model.parameters())
+    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
+                for p in model.parameters())
     rank = dist.get_rank() if dist.is_initialized() else 0
     result = {"mode": mode, "rank": rank, "load_seconds": seconds, "peak_anon_growth": peak.peak - before,
               "baseline_anon": before, "vm_hwm": _status("VmHWM"), "param_bytes": local}
@@ -159,7 +162,8 @@ def measure_decode(checkpoint: Path, tokenizer: dict, nproc: int, tokens: int, w
         "top_k": None}))
     out = {}
     one = [sys.executable, "-m"]
-    runs = {"one process, 1 thread": (one, ["threads=1"]), f"one process, {nproc} threads": (one, [f"threads={nproc}"]),
+    runs = {"one process, 1 thread": (one, ["threads=1"]),
+            f"one process, {nproc} threads": (one, [f"threads={nproc}"]),
             f"{nproc} ranks, 1 thread each": (_torchrun(nproc) + ["-m"], [])}
     for i, (name, (launcher, extra)) in enumerate(runs.items()):
         metrics = work / f"metrics-{i}.json"
@@ -186,7 +190,8 @@ def report(rows: list[dict], model_bytes: int, decode: dict | None, preset: str,
     if decode:
         lines += ["", "| generate | threads a process | decode tok/s | first token (s) |", "|---|---|---|---|"]
         for name, d in decode.items():
-            lines.append(f"| {name} | {d['threads']} | {d['tokens_per_second']:.2f} | {d['first_token_seconds']:.2f} |")
+            lines.append(f"| {name} | {d['threads']} | {d['tokens_per_second']:.2f} | "
+                         f"{d['first_token_seconds']:.2f} |")
     return "\n".join(lines)
 
 
