@@ -181,9 +181,13 @@ def test_only_rank_0_prints_and_writes(tp_run):
     assert not list(out.glob("*.jsonl.*"))  # no stray per-rank files
 
 
-def test_each_rank_holds_only_its_shard(tp_run):
+@pytest.mark.parametrize("job", ["shards", "shards-permuted"])
+def test_each_rank_holds_only_its_shard(job, tp_run):
+    """``shards-permuted``: the model keeps its interleaved RoPE, so the HF q/k rows are
+    permuted, on a rank within its own heads (2 of 4 for q, 1 of 2 for k)."""
     out, _ = tp_run
-    ranks = [_result(out, "shards", r) for r in (0, 1)]
+    ranks = [_result(out, job, r) for r in (0, 1)]
+    assert all(r["q_permuted_heads"] == (4 if job == "shards-permuted" else 0) for r in ranks)
     for rank, result in enumerate(ranks):
         params = result["params"]
         assert all(p["equal"] for p in params.values()), [n for n, p in params.items() if not p["equal"]]

@@ -76,14 +76,26 @@ def memory_job(path: str) -> dict:
             "local_param_bytes": local, "load_seconds": seconds}
 
 
-def shards_job(path: str) -> dict:
+def shards_job(path: str, *, permute: bool = False) -> dict:
     """Each parameter of this rank: its placement and local shape, and whether its local
-    tensor equals the single-process model's rows or columns; then the logits."""
+    tensor equals the single-process model's rows or columns; then the logits.
+
+    ``permute``: keep the model's interleaved RoPE (no RotateHalf), so that the HF
+    rotate-half q/k rows are permuted: per tensor in one process, per shard (its own
+    heads) on a rank."""
     from torch.distributed.tensor import DTensor
 
+    import leangen.load
     from leangen import load_model
     from leangen.parallel import shard_range
 
+    if permute:
+        original = leangen.load.match_stored_layout
+        leangen.load.match_stored_layout = lambda model, stored: None
+        try:
+            return shards_job(path)
+        finally:
+            leangen.load.match_stored_layout = original
     parallel = tp()
     model = load_model("auto", path, parallel=parallel)
     single_model = load_model("auto", path)
@@ -106,7 +118,9 @@ def shards_job(path: str) -> dict:
                             "equal": torch.equal(p, ref), "type": type(p).__name__}
     with torch.inference_mode():
         diff = (model(TOKENS) - single_model(TOKENS)).abs().max().item()
-    return {"params": params, "logits_max_diff": diff, "world_size": parallel.size}
+    view = leangen.load.open_checkpoint(path, qk_layout=leangen.load.qk_layout(single_model))
+    return {"params": params, "logits_max_diff": diff, "world_size": parallel.size,
+            "q_permuted_heads": view.entries["layers.0.attn.q_proj.weight"].transform.permute_heads}
 
 
 def refusals_job(paths: dict[str, str]) -> dict:
@@ -157,6 +171,7 @@ def main(jobs_file: str) -> int:
         save("memory", memory_job(jobs["memory"]))
     if jobs.get("shards"):
         save("shards", shards_job(jobs["shards"]))
+        save("shards-permuted", shards_job(jobs["shards"], permute=True))
     if jobs.get("refusals"):
         save("refusals", refusals_job(jobs["refusals"]))
     codes = []
