@@ -3,7 +3,8 @@
 ``python -m torch.distributed.run --nproc_per_node 2 --standalone tests/tp_worker.py JOBS``
 where JOBS is a JSON file: {"out": dir, "memory": checkpoint or null, "shards": checkpoint
 or null, "refusals": {name: checkpoint}, "generate": [[name, [recipe args...]], ...],
-"fail_rank": rank or null}. Each rank
+"fail_last": {"rank": r, "args": [recipe args...]} or null}: after everything else, rank r
+fails while loading that run, and the job ends with it. Each rank
 writes what it saw to ``out/<job>-rank<N>.json``; the test compares.
 """
 
@@ -163,8 +164,6 @@ def main(jobs_file: str) -> int:
     def save(name: str, result: dict) -> None:
         (out / f"{name}-rank{rank}.json").write_text(json.dumps(result))
 
-    if jobs.get("fail_rank") is not None:
-        fail_on(jobs["fail_rank"])
     # One process group for every job: each recipe run below finds it and leaves it be.
     torch.distributed.init_process_group("gloo")
     if jobs.get("memory"):
@@ -179,6 +178,9 @@ def main(jobs_file: str) -> int:
         result = generate_job(args)
         save(name, result)
         codes.append(result["exit_code"])
+    if jobs.get("fail_last"):
+        fail_on(jobs["fail_last"]["rank"])
+        codes.append(generate_job(jobs["fail_last"]["args"])["exit_code"])
     torch.distributed.destroy_process_group()
     return max(codes, default=0)
 
