@@ -202,9 +202,9 @@ def _reject_bad_options(cfg: DictConfig, ranks: distributed.Ranks = distributed.
         raise ConfigError("max_new_tokens and batch_size must be at least 1.")
     quant_spec(cfg)  # a bad quantize/quantizer value fails before the load
     if ranks.distributed:
-        both = [k for k in ("quantize", "quantizer") if cfg.get(k)] + (["compile"] if cfg.compile else [])
-        if both:
-            raise ConfigError(f"{both[0]} with tensor parallelism ({ranks.world_size} ranks) is not "
+        unsupported = [k for k in ("quantize", "quantizer") if cfg.get(k)] + (["compile"] if cfg.compile else [])
+        if unsupported:
+            raise ConfigError(f"{unsupported[0]} with tensor parallelism ({ranks.world_size} ranks) is not "
                               "supported yet: run it on one process, or drop it.")
     if cfg.model is None or cfg.tokenizer is None:
         raise ConfigError("the config needs a 'model' and a 'tokenizer' block.")

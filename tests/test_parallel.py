@@ -340,3 +340,15 @@ def test_a_dead_peer_in_a_collective_is_one_line(own_group):
     assert "\n" not in str(failure)
     assert peer_failure(RuntimeError("shape mismatch")) is None
     assert peer_failure(LeangenError("x")) is None
+
+
+@pytest.mark.parametrize("override,key", [("compile=true", "compile"), ("quantize=int8", "quantize")])
+def test_what_tensor_parallelism_does_not_support_yet_is_refused_early(override, key):
+    from leangen.config import parse_args
+    from leangen.distributed import Ranks
+    from leangen.generate import GenerateConfig, _reject_bad_options
+
+    cfg = parse_args(["--config", "demo", override], GenerateConfig)
+    _reject_bad_options(cfg)  # one process: fine
+    with pytest.raises(ConfigError, match=f"^{key} with tensor parallelism \\(2 ranks\\) is not supported yet"):
+        _reject_bad_options(cfg, Ranks(0, 2, 0))
