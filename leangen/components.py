@@ -131,17 +131,18 @@ def quant_spec(cfg: DictConfig):
 
 
 def model_from_config(cfg: DictConfig, device: torch.device, *,
-                      positions: Optional[int] = None) -> torch.nn.Module:
+                      positions: Optional[int] = None, parallel=None) -> torch.nn.Module:
     """``model: auto`` (the builder config.json describes) or a builder block, which is
     checked against config.json; ``checkpoint.strict_config: false`` only warns.
     ``positions``: the most positions the run will use, so that the RoPE cache holds
-    those rather than the builder's whole context (131072 for Llama 3)."""
+    those rather than the builder's whole context (131072 for Llama 3). ``parallel``: a
+    ``leangen.parallel.TensorParallel``, for a tensor-parallel rank's shard."""
     path, model_type = checkpoint_source(cfg)
     strict = cfg.checkpoint.get("strict_config", True) if cfg.get("checkpoint") is not None else True
     return load_model(cfg.model, path, device=device, dtype=cfg.dtype, model_type=model_type,
                       strict_config=bool(strict), rope_positions=positions, quantize=quant_spec(cfg),
                       prepack=bool(cfg.get("prepack", False)) and not cfg.get("compile", False),
-                      quantize_cache=cfg.get("quantize_cache", "auto"))
+                      quantize_cache=cfg.get("quantize_cache", "auto"), parallel=parallel)
 
 
 def compile_decode(model: torch.nn.Module, prepack: bool):

@@ -29,7 +29,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from yaml import YAMLError
 
 from leangen.demo import demo_dir
-from leangen.distributed import error_prefix, stop
+from leangen.distributed import error_prefix, peer_failure, stop
 from leangen.errors import ConfigError, Interrupted, LeangenError
 
 DEBUG_ENV = "LEANGEN_DEBUG"
@@ -280,7 +280,10 @@ def run_recipe(main: Callable[[list[str]], Any]) -> Callable[[list[str] | None],
         quiet_known_warnings()
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
         try:
-            main(argv)
+            try:
+                main(argv)
+            except Exception as e:  # a torchrun peer that died: one line, not a collective's traceback
+                raise peer_failure(e) or e
         except (LeangenError, FileNotFoundError, KeyboardInterrupt) as e:
             if os.environ.get(DEBUG_ENV):
                 raise

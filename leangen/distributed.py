@@ -31,6 +31,10 @@ BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 DEFAULT_TIMEOUT = timedelta(minutes=10)
 TIMEOUT_ENV = "LEANGEN_DIST_TIMEOUT_S"
 
+# Whether start() made the process group: stop() leaves alone one that the caller made
+# (a script that runs several recipes in one torchrun job keeps its group).
+_started = False
+
 
 @dataclass(frozen=True)
 class Ranks:
@@ -85,6 +89,8 @@ def start(device: torch.device, ranks: Ranks | None = None) -> Ranks:
         _check_gpus(ranks)
         torch.cuda.set_device(device)
     dist.init_process_group(backend, timeout=_timeout(), rank=ranks.rank, world_size=ranks.world_size)
+    global _started
+    _started = True
     return ranks
 
 
@@ -108,11 +114,36 @@ def _timeout() -> timedelta:
 
 
 def stop() -> None:
-    """Leave the process group, if this process joined one."""
+    """Leave the process group, if ``start`` made it."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
+    global _started
+    if _started and dist.is_initialized():
         dist.destroy_process_group()
+    _started = False
+
+
+# What gloo and NCCL say when the rank at the other end of a collective is gone or stuck.
+_PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting",
+               "collective operation timeout", "NCCL communicator was aborted", "Broken pipe")
+
+
+def peer_failure(error: BaseException) -> LeangenError | None:
+    """A collective that failed because another rank died or hung, as a one-line error;
+    None for anything else. torchrun also stops the survivors once a rank has exited."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or isinstance(error, LeangenError):
+        return None
+    distributed_error = isinstance(error, getattr(dist, "DistError", ()))
+    if not distributed_error and not (isinstance(error, RuntimeError)
+                                      and any(s in str(error) for s in _PEER_SIGNS)):
+        return None
+    detail = " ".join(str(error).split())[:300]
+    failure = LeangenError(f"a collective with the other ranks failed, so another rank probably failed "
+                           f"first (its error is above) or stopped answering ({detail})")
+    failure.__cause__ = error
+    return failure
 
 
 def error_prefix() -> str:

@@ -2,6 +2,11 @@
 
 Also ``python -m leangen.generate --config X`` and the ``leangen-generate`` script.
 X is a YAML path or a packaged config name (``demo``, ``mistral7b``, ...).
+
+Under torchrun (``tune run --nproc_per_node N leangen/generate ...`` or ``torchrun
+--nproc_per_node N -m leangen.generate ...``) the model is tensor-parallel over the N
+ranks (``leangen.parallel``): each rank loads only its shard, all ranks decode the same
+tokens, and only rank 0 prints and writes files.
 """
 
 
@@ -18,6 +23,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from leangen import distributed
 from leangen.components import (ModelKeys, compile_decode, model_from_config, quant_spec, set_threads,
                                 tokenizer_from_config)
 from leangen.config import config_key, output_path, parse_args, run_recipe
@@ -57,11 +63,16 @@ class GenerateConfig(ModelKeys):
     output_dir: Optional[str] = config_key(None, "accepted from torchtune configs; never written to")
     quantizer: Optional[Any] = config_key(None, "a torchtune quantizer block: runs as quantize: int4")
     log_level: Optional[str] = config_key(None, "accepted from torchtune configs; ignored")
+    tensor_parallel_plan: Optional[Any] = config_key(
+        None, "under torchrun: {_component_: a torchtune plan} (null: the model family's, "
+              "e.g. torchtune.models.llama3.base_llama_tp_plan); one process ignores it")
 
 
 class GenerateRecipe:
     def __init__(self, cfg: DictConfig):
-        self.device = resolve_device(cfg.device)
+        self.ranks = distributed.ranks_from_env()  # one process unless torchrun started several
+        self.device = resolve_device(distributed.rank_device(cfg.device, self.ranks))
+        distributed.start(self.device, self.ranks)
         if cfg.seed is not None:
             torch.manual_seed(cfg.seed)
         self.started = time.perf_counter()
@@ -69,25 +80,35 @@ class GenerateRecipe:
 
     def setup(self, cfg: DictConfig) -> None:
         """Everything that can fail on the user's input fails here, before decoding starts."""
-        self.outputs = _reject_bad_options(cfg)
+        self.outputs = _reject_bad_options(cfg, self.ranks)
         self.tokenizer = tokenizer_from_config(cfg)
         self.prompts = prompts_from_config(cfg, self.tokenizer)  # bad prompts fail before the load
+        parallel = None
+        if self.ranks.distributed:
+            from leangen.parallel import TensorParallel
+
+            parallel = TensorParallel.start(self.device, cfg.tensor_parallel_plan)
         start = time.perf_counter()
         longest = max(len(p.tokens) for p in self.prompts) + cfg.max_new_tokens  # the largest KV cache
-        self.model = model_from_config(cfg, self.device, positions=longest)
+        self.model = model_from_config(cfg, self.device, positions=longest, parallel=parallel)
         self.metrics["load_seconds"] = time.perf_counter() - start
         check_fits(self.model, [p.tokens for p in self.prompts], cfg.max_new_tokens)
         self.decode_forward = compile_decode(self.model, cfg.prepack) if cfg.compile else None
         self.sampler = functools.partial(sample, temperature=cfg.temperature, top_k=cfg.top_k,
                                          top_p=cfg.top_p)
+        if parallel is not None:
+            self.sampler = parallel.same_tokens(self.sampler)  # rank 0's tokens on every rank
+            self.metrics["tensor_parallel"] = {"ranks": parallel.size, "notes": parallel.notes}
 
     def generate(self, cfg: DictConfig) -> list[dict]:
         # 1. the prompts, tokenized and checked in setup
         prompts, (output_file, metrics_file) = self.prompts, self.outputs
-        stream = len(prompts) == 1
+        main = self.ranks.is_main  # the other ranks compute the same tokens, silently
+        stream = len(prompts) == 1 and main
         records, timing = [], {"decode_seconds": 0.0, "decode_steps": 0}
         # 2-4. prefill, decode and print, one batch at a time; each record is saved as it is done
-        with ResultFile(output_file) if output_file else nullcontext() as out, _progress(prompts) as bar:
+        with ResultFile(output_file) if output_file and main else nullcontext() as out, \
+                _progress(prompts, main) as bar:
             try:
                 for i in range(0, len(prompts), cfg.batch_size):
                     batch = prompts[i:i + cfg.batch_size]
@@ -96,7 +117,7 @@ class GenerateRecipe:
                         records.append(record)
                         if out:
                             out.add_line(json.dumps(record))
-                    if not stream:
+                    if not stream and main:
                         _print_batch(finished, batch)
                     bar.update(len(batch))
             except KeyboardInterrupt as e:
@@ -104,9 +125,10 @@ class GenerateRecipe:
                 raise Interrupted(f"{len(records)} of {len(prompts)} completions were finished{saved}.") from e
         # 5. metrics
         self._record_metrics(sum(len(r["tokens"]) for r in records), len(prompts), **timing)
-        if metrics_file:
-            write_result(metrics_file, json.dumps(self.metrics, indent=2) + "\n")
-        print(summary(self.metrics), file=sys.stderr)
+        if main:
+            if metrics_file:
+                write_result(metrics_file, json.dumps(self.metrics, indent=2) + "\n")
+            print(summary(self.metrics), file=sys.stderr)
         return records
 
     def _generate_batch(self, cfg: DictConfig, batch: list[Prompt], stream: bool,
@@ -164,15 +186,16 @@ def _print_batch(records: list[dict], batch: list[Prompt]) -> None:
     sys.stdout.flush()
 
 
-def _progress(prompts: list[Prompt]) -> tqdm:
-    """done/total on stderr, for a prompts file and only on a terminal: a log or a pipe
-    must hold only the summary."""
-    shown = len(prompts) > 1 and sys.stderr.isatty()
+def _progress(prompts: list[Prompt], main: bool = True) -> tqdm:
+    """done/total on stderr, for a prompts file and only on a terminal (and rank 0): a
+    log or a pipe must hold only the summary."""
+    shown = len(prompts) > 1 and sys.stderr.isatty() and main
     return tqdm(total=len(prompts), desc="prompts", unit="prompt", file=sys.stderr,
                 disable=not shown, leave=False)
 
 
-def _reject_bad_options(cfg: DictConfig) -> tuple[Optional[Path], Optional[Path]]:
+def _reject_bad_options(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks()
+                        ) -> tuple[Optional[Path], Optional[Path]]:
     """Rejects bad option combinations early; returns the checked output and metrics paths."""
     try:
         check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
@@ -181,6 +204,11 @@ def _reject_bad_options(cfg: DictConfig) -> tuple[Optional[Path], Optional[Path]
     if cfg.max_new_tokens < 1 or cfg.batch_size < 1:
         raise ConfigError("max_new_tokens and batch_size must be at least 1.")
     quant_spec(cfg)  # a bad quantize/quantizer value fails before the load
+    if ranks.distributed:
+        unsupported = [k for k in ("quantize", "quantizer", "prepack", "compile") if cfg.get(k)]
+        if unsupported:
+            raise ConfigError(f"{unsupported[0]} with tensor parallelism ({ranks.world_size} ranks) is not "
+                              "supported yet: run it on one process, or drop it.")
     if cfg.model is None or cfg.tokenizer is None:
         raise ConfigError("the config needs a 'model' and a 'tokenizer' block.")
     return output_path("output_file", cfg.output_file), output_path("metrics_file", cfg.metrics_file)

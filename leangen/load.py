@@ -6,7 +6,7 @@ materialise buffers on the device -> move/cast/permute tensor by tensor.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+from typing import TYPE_CHECKING, Any, Callable, Union
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -23,7 +23,12 @@ from leangen.quantize import QuantSetting, Quantizer
 from leangen.rope import match_stored_layout, qk_layout
 from leangen.view import Checkpoint, open_checkpoint
 
+if TYPE_CHECKING:
+    from leangen.parallel import TensorParallel
+
 Builder = Union[str, Callable[..., torch.nn.Module], DictConfig]
+# assign's hook: (name, the meta parameter) -> the final tensor to install, or None.
+Take = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 # Called after each stage of load_model with the stage's name and what it made (bytes, tensors).
 OnStage = Callable[..., None]
 
@@ -47,7 +52,7 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
                strict_config: bool = True, rope_positions: int | None = None,
                on_stage: OnStage | None = None, quantize: QuantSetting = None,
                prepack: bool = False, quantize_cache: CacheSetting = None,
-               **builder_kwargs: Any) -> torch.nn.Module:
+               parallel: "TensorParallel | None" = None, **builder_kwargs: Any) -> torch.nn.Module:
     """Build ``builder`` on meta and fill it from ``checkpoint`` without copying.
 
     - ``builder``: a dotted path, a callable, a DictConfig with ``_component_``, or
@@ -79,6 +84,9 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
       ``$XDG_CACHE_HOME/leangen``, else ``~/.cache/leangen``), and later loads with the
       same key mmap them instead of quantizing (``leangen.quant_cache``).
       ``model.leangen_quant_cache`` is ``{"status": "hit" | "written" | "off", "file": path}``.
+    - ``parallel``: a ``leangen.parallel.TensorParallel`` (under torchrun): the meta model
+      is sharded by its plan and this rank reads only its rows or columns of each
+      sharded tensor (DTensor parameters); the rest is replicated.
 
     Returns the model in eval mode on ``device``, nothing on meta, with the parsed
     config.json as ``model.leangen_config`` (None without one).
@@ -110,7 +118,14 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
                        builder_kwargs=builder_kwargs, model_type=model_type,
                        family=view.family.name, qk_layout=qk_layout(model))
     mark("open checkpoint (headers, key plan, RoPE layout)")
-    pending = assign(model, view)
+    take = None
+    if parallel is not None:
+        if quantizer is not None:
+            raise ConfigError("quantize with tensor parallelism is not supported yet: run one of them.")
+        parallel.parallelize(model, builder, geometry)  # after Geometry: it divides the heads
+        take = parallel.taker(view, device, dtype)
+        mark("tensor parallel plan on meta")
+    pending = assign(model, view, take=take)
     mark("assign mmap views")
     # the quantizer's (or the cache's) and the prepacker's counts replace them
     model.leangen_quantized = model.leangen_prepacked = None
@@ -206,8 +221,11 @@ def build_on_meta(builder: Builder, **builder_kwargs: Any) -> torch.nn.Module:
         raise ConfigError(f"model builder {name!r} failed: {e}") from e
 
 
-def assign(model: torch.nn.Module, view: Checkpoint) -> dict[str, Transform]:
-    """Attach the checkpoint's mmap views as the parameters; return the transforms still to run."""
+def assign(model: torch.nn.Module, view: Checkpoint, *, take: Take | None = None) -> dict[str, Transform]:
+    """Attach the checkpoint's mmap views as the parameters; return the transforms still to run.
+
+    ``take(name, meta)``, if given, may return the final tensor for a parameter instead
+    (a tensor-parallel rank's DTensor shard, already on its device); None keeps the view."""
     expected = model.state_dict()  # meta tensors: names and shapes only
     # A tied builder has no output.weight: a stored lm_head is dropped, as torchtune does
     # (_check_keys refuses it when config.json says the checkpoint is untied).
@@ -215,8 +233,15 @@ def assign(model: torch.nn.Module, view: Checkpoint) -> dict[str, Transform]:
     names = [n for n in view if not (tied_builder and n == "output.weight")]
     _check_keys(expected, names, view)
     _check_shapes(expected, view)
-    model.load_state_dict({n: view.stored(n) for n in expected}, strict=True, assign=True)
-    return {n: view.entries[n].transform for n in expected if view.entries[n].transform.computes}
+    taken = {}
+    for name, meta in expected.items() if take is not None else ():
+        tensor = take(name, meta)
+        if tensor is not None:
+            taken[name] = tensor
+    model.load_state_dict({n: taken[n] if n in taken else view.stored(n) for n in expected},
+                          strict=True, assign=True)
+    return {n: view.entries[n].transform for n in expected
+            if n not in taken and view.entries[n].transform.computes}
 
 
 def _check_keys(expected: dict, names: list[str], view: Checkpoint) -> None:

@@ -12,8 +12,11 @@ from leangen.quantize import tensor_bytes
 
 
 def model_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the parameters; quantized ones (tensor subclasses) count their inner tensors."""
-    return sum(tensor_bytes(p) for p in model.parameters())
+    """Bytes of the parameters; quantized ones (tensor subclasses) count their inner
+    tensors, a tensor-parallel rank's DTensors only its own shard."""
+    from torch.distributed.tensor import DTensor
+
+    return sum(tensor_bytes(p.to_local() if isinstance(p, DTensor) else p) for p in model.parameters())
 
 
 def quant_cache_metrics(model: torch.nn.Module) -> dict[str, Any]:

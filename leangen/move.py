@@ -111,7 +111,8 @@ def move_to_device(model: torch.nn.Module, pending: dict[str, Transform], device
             tensor = tensors.pop(name, None)
             # None: not in the state_dict, or a shared module's, done
             if tensor is not None and name not in final:
-                _move(tensor, pending.get(name), stager, dtype)
+                if not _final(tensor, pending.get(name), device, dtype):
+                    _move(tensor, pending.get(name), stager, dtype)
                 bar.update()
         tensor = None  # hold no reference to what the hook may replace
         if finish_module is not None:
@@ -128,6 +129,14 @@ def _move(tensor: torch.Tensor, transform: Transform | None, stager: Stager | No
     if isinstance(tensor, torch.nn.Parameter) and t.is_floating_point() and t.dtype != dtype:
         t = t.to(dtype)  # parameters only: buffers keep their dtype, as in an eager build
     tensor.data = t
+
+
+def _final(tensor: torch.Tensor, transform: Transform | None, device: torch.device,
+           dtype: torch.dtype) -> bool:
+    """Already on ``device`` in its final dtype with nothing to compute: left as it is
+    (e.g. a tensor-parallel shard, a DTensor that its taker finished)."""
+    cast = isinstance(tensor, torch.nn.Parameter) and tensor.is_floating_point() and tensor.dtype != dtype
+    return (transform is None or not transform.computes) and not cast and tensor.device == device
 
 
 def _own_tensors(module: torch.nn.Module) -> list[str]:

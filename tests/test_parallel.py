@@ -1,0 +1,355 @@
+"""Tensor-parallel generation (leangen.parallel) on 2 gloo ranks under torchrun, against
+one process: greedy ids, each rank's shards, each rank's anonymous memory, a failing rank.
+
+The torchrun jobs run in subprocesses (tests/tp_worker.py is one rank): one launch runs
+every checkpoint and ends with a run in which a rank fails (imports dominate on a 2-core
+machine, so launches are few); one goes through ``tune run``. No timing is asserted; the
+subprocess timeouts only guard a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from leangen.convert import Geometry
+from leangen.demo import demo_dir
+from leangen.errors import ConfigError
+from leangen.generate import main as generate_main
+from leangen.parallel import LLAMA_PLAN, check_divisible, default_plan, resolve_plan, shard_range
+from test_generate_recipe import GOLDEN
+from tiny_models import make_hf_model
+
+WORKER = Path(__file__).with_name("tp_worker.py")
+# (tiny_models family, tied, config overrides): Llama-3-style GQA (4 heads, 2 kv heads,
+# llama3 RoPE scaling, untied: the output is sharded), Mistral, Qwen2 (q/k/v biases, tied).
+CASES = {
+    "llama3": ("llama3_2", False, {}),
+    "mistral": ("mistral", False, {}),
+    "qwen2": ("qwen2", True, {}),
+}
+# Recipe runs compared with one process: (checkpoint, overrides). Sampling checks that the
+# ranks continue with one token (rank 0's); the batch mixes prompt lengths (left padding).
+RUNS = {
+    "llama3": ("llama3", []), "mistral": ("mistral", []), "qwen2": ("qwen2", []),
+    "llama3-sampled": ("llama3", ["temperature=0.8", "top_k=20", "seed=7"]),
+    "qwen2-batch": ("qwen2", ["prompts_file={prompts}", "batch_size=2"]),
+    "mistral-plan": ("mistral", ["tensor_parallel_plan=torchtune.models.llama3.base_llama_tp_plan"]),
+}
+SHARD_BYTES = 60_000  # several files per checkpoint: a layer's q/k/v shards come from two files
+BIG_MODEL_MIN_BYTES = 200e6
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+
+
+def _env() -> dict:
+    env = dict(os.environ, LEANGEN_DIST_TIMEOUT_S="60")
+    env.pop("LEANGEN_DEBUG", None)
+    return env
+
+
+def _config(root: Path, name: str, checkpoint: Path) -> Path:
+    """A generate config for ``checkpoint`` with the demo's sentencepiece tokenizer
+    (its 96 ids fit the models' vocabulary): greedy, a few tokens."""
+    path = root / f"{name}.yaml"
+    path.write_text(OmegaConf.to_yaml({
+        "model": "auto", "checkpoint": {"path": str(checkpoint)},
+        "tokenizer": {"_component_": "torchtune.models.llama2.llama2_tokenizer",
+                      "path": str(demo_dir() / "tokenizer.model"), "prompt_template": None},
+        "device": "cpu", "prompt": "one two three", "max_new_tokens": 10, "temperature": 0, "top_k": None,
+    }))
+    return path
+
+
+def _big_checkpoint(path: Path) -> Path:
+    """A Llama of about 250 MB (fp32, 2 safetensors files, untied): heads 8/4, hidden 1024."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    hidden, inter, layers, vocab, heads, kv = 1024, 2816, 4, 8192, 8, 4
+    LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=512,
+                tie_word_embeddings=False).save_pretrained(path)
+    kv_rows = kv * hidden // heads
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv_rows, hidden),
+            p + "self_attn.v_proj.weight": (kv_rows, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+            p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+            p + "mlp.down_proj.weight": (hidden, inter), p + "input_layernorm.weight": (hidden,),
+            p + "post_attention_layernorm.weight": (hidden,)})
+    names = list(shapes)
+    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for file, part in halves.items():
+        save_file({n: torch.full(shapes[n], 0.01) for n in part}, path / file)
+    (path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: f for f, part in halves.items() for n in part}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    out = {}
+    for name, (family, tied, overrides) in CASES.items():
+        path = root / name
+        make_hf_model(family, tied=tied, vocab_size=96, **overrides).save_pretrained(path, max_shard_size=SHARD_BYTES)
+        out[name] = path
+    # vocabulary 97: the embedding and output rows split unevenly (49 + 48)
+    out["uneven"] = root / "uneven"
+    make_hf_model("llama3_2", tied=False, vocab_size=97).save_pretrained(out["uneven"], max_shard_size=SHARD_BYTES)
+    out["big"] = _big_checkpoint(root / "big")
+    # what 2 ranks cannot split: 3 kv heads (of 6), an MLP 131 wide
+    out["kv3"] = root / "kv3"
+    make_hf_model("llama3_2", tied=False, num_attention_heads=6, num_key_value_heads=3, hidden_size=48,
+                  head_dim=8).save_pretrained(out["kv3"])
+    out["mlp131"] = root / "mlp131"
+    make_hf_model("llama3_2", tied=False, intermediate_size=131).save_pretrained(out["mlp131"])
+    return root, out
+
+
+@pytest.fixture(scope="module")
+def tp_run(folders):
+    """One torchrun launch: memory and shards on their checkpoints, then the generate
+    recipe on each case. Returns (out dir, the completed process)."""
+    root, paths = folders
+    out = root / "out"
+    out.mkdir()
+    jobs = {"out": str(out), "memory": str(paths["big"]), "shards": str(paths["uneven"]),
+            "refusals": {name: str(paths[name]) for name in ("kv3", "mlp131")},
+            "generate": [[name, _args(root, name, paths, out / f"{name}.jsonl")] for name in RUNS],
+            # last: rank 1 fails while loading; prompt "zero" tells its echo apart
+            "fail_last": {"rank": 1, "args": ["--config", str(_config(root, "llama3", paths["llama3"])),
+                                              "prompt=zero"]}}
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    done = subprocess.run([*TORCHRUN, str(WORKER), str(root / "jobs.json")], capture_output=True,
+                          text=True, timeout=600, env=_env())  # a hang fails here
+    results = [f"{job}-rank{r}.json" for job in ("memory", "shards", "refusals", *RUNS) for r in (0, 1)]
+    assert all((out / name).exists() for name in results), done.stderr[-3000:]
+    return out, done
+
+
+def _args(root: Path, run: str, paths: dict, output: Path) -> list[str]:
+    case, overrides = RUNS[run]
+    prompts = root / "prompts.txt"
+    prompts.write_text("one two three\nfour\nfive six seven eight nine\n")
+    return ["--config", str(_config(root, case, paths[case])), f"output_file={output}",
+            *(o.format(prompts=prompts) for o in overrides)]
+
+
+def _result(out: Path, job: str, rank: int) -> dict:
+    return json.loads((out / f"{job}-rank{rank}.json").read_text())
+
+
+def _ids(path: Path) -> list[list[int]]:
+    return [json.loads(line)["tokens"] for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_tensor_parallel_ids_equal_one_process(run, folders, tp_run, tmp_path, capsys):
+    root, paths = folders
+    out, _ = tp_run
+    single = tmp_path / "single.jsonl"
+    assert generate_main(_args(tmp_path, run, paths, single)) == 0
+    capsys.readouterr()
+    assert _ids(out / f"{run}.jsonl") == _ids(single)
+    # Mistral's ends early on its stop token: the ranks stop together
+    assert all(1 <= len(ids) <= 10 for ids in _ids(single))
+    assert all(_result(out, run, rank)["exit_code"] == 0 for rank in (0, 1))
+
+
+def test_checkpoints_are_sharded_across_files(folders):
+    """Each rank's q/k/v rows of some layer come from more than one file."""
+    _, paths = folders
+    for case in CASES:
+        weight_map = json.loads((paths[case] / "model.safetensors.index.json").read_text())["weight_map"]
+        layer_files = {weight_map[f"model.layers.{i}.self_attn.{p}_proj.weight"] for i in range(2) for p in "qkv"}
+        assert len(set(weight_map.values())) >= 3 and len(layer_files) >= 2, case
+
+
+def test_only_rank_0_prints_and_writes(tp_run):
+    out, done = tp_run
+    # each completion once: streamed (single prompts) or printed after its batch
+    assert done.stdout.count("one two three") == len(RUNS)
+    assert done.stdout.count("five six seven eight nine") == 1
+    assert done.stderr.count("tok/s") == len(RUNS)  # the summary line, once per run
+    assert not list(out.glob("*.jsonl.*"))  # no stray per-rank files
+
+
+@pytest.mark.parametrize("job", ["shards", "shards-permuted"])
+def test_each_rank_holds_only_its_shard(job, tp_run):
+    """``shards-permuted``: the model keeps its interleaved RoPE, so the HF q/k rows are
+    permuted, on a rank within its own heads (2 of 4 for q, 1 of 2 for k)."""
+    out, _ = tp_run
+    ranks = [_result(out, job, r) for r in (0, 1)]
+    assert all(r["q_permuted_heads"] == (4 if job == "shards-permuted" else 0) for r in ranks)
+    for rank, result in enumerate(ranks):
+        params = result["params"]
+        assert all(p["equal"] for p in params.values()), [n for n, p in params.items() if not p["equal"]]
+        q = params["layers.0.attn.q_proj.weight"]  # 4 heads of 16: 2 heads a rank
+        assert q["placement"] == "S(0)" and q["global"] == [64, 64] and q["local"] == [32, 64]
+        k = params["layers.0.attn.k_proj.weight"]  # 2 kv heads: 1 a rank
+        assert k["local"] == [16, 64]
+        o = params["layers.0.attn.output_proj.weight"]
+        assert o["placement"] == "S(1)" and o["local"] == [64, 32]
+        w2 = params["layers.0.mlp.w2.weight"]
+        assert w2["placement"] == "S(1)" and w2["local"] == [64, 64]
+        # vocabulary 97 splits as torch.chunk does: 49 rows on rank 0, 48 on rank 1
+        assert params["tok_embeddings.weight"]["local"] == [[49, 64], [48, 64]][rank]
+        assert params["output.weight"]["local"] == [[49, 64], [48, 64]][rank]
+        # only the norms are whole on every rank
+        plain = {n for n, p in params.items() if p["type"] != "DTensor"}
+        assert plain and all(n.endswith("scale") for n in plain), plain
+        assert result["logits_max_diff"] < 1e-4
+
+
+def test_each_rank_maps_its_slice_without_copying_the_model(tp_run):
+    """Peak anonymous memory growth while a rank loads: the anon memory after imports,
+    process group and mesh is the baseline subtracted. Row shards are mmap views; only
+    column shards (attention output, w2) are copied."""
+    out, _ = tp_run
+    for rank in (0, 1):
+        result = _result(out, "memory", rank)
+        assert result["model_bytes"] > BIG_MODEL_MIN_BYTES
+        assert result["peak_anon_growth"] < 0.6 * result["model_bytes"], result
+        assert result["local_param_bytes"] < 0.6 * result["model_bytes"], result
+
+
+def test_readme_command_tune_run_nproc_per_node(tmp_path):
+    """The README's ``tune run --nproc_per_node 2 leangen/generate --config demo``: the
+    demo's golden count, printed once, and the metrics of rank 0."""
+    metrics_file = tmp_path / "metrics.json"
+    done = subprocess.run(["tune", "run", "--nproc_per_node", "2", "leangen/generate", "--config", "demo",
+                           f"metrics_file={metrics_file}"],
+                          capture_output=True, text=True, timeout=600, env=_env(), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == GOLDEN
+    assert done.stdout.count(GOLDEN) == 1 and done.stderr.count("tok/s") == 1
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["tensor_parallel"]["ranks"] == 2 and metrics["generated_tokens"] == 20
+
+
+def test_a_failing_rank_ends_the_job_and_is_named(tp_run):
+    _, done = tp_run
+    assert done.returncode != 0
+    assert "rank 1: error: injected failure while taking shards" in done.stderr
+    # rank 0 was waiting in a collective for rank 1: one line (or torchrun's SIGTERM got
+    # there first), no traceback
+    assert ("rank 0: error: a collective with the other ranks failed" in done.stderr
+            or "rank 0: interrupted (SIGTERM)." in done.stderr), done.stderr[-3000:]
+    assert "[rank0]: Traceback" not in done.stderr and "[rank1]: Traceback" not in done.stderr
+
+
+def test_what_the_ranks_cannot_split_is_refused_in_one_line(tp_run):
+    out, _ = tp_run
+    for rank in (0, 1):
+        errors = _result(out, "refusals", rank)
+        assert errors["kv3"] == ("2 ranks cannot split the kv heads evenly: the model has 6 attention "
+                                 "heads and 3 kv heads. Use --nproc_per_node 1 or 3.")
+        assert errors["mlp131"].startswith("2 ranks cannot split 'layers.0.mlp.w1.weight' (size 131 along dim 0)")
+
+
+# --- without a launcher -------------------------------------------------------------------
+
+def test_heads_that_the_ranks_do_not_divide_are_one_line():
+    with pytest.raises(ConfigError, match=r"^3 ranks cannot split the attention heads and the kv heads "
+                                          r"evenly: the model has 32 attention heads and 8 kv heads. "
+                                          r"Use --nproc_per_node 1 or 2 or 4 or 8.$"):
+        check_divisible(Geometry(32, 8, 128), 3)
+    with pytest.raises(ConfigError, match="4 ranks cannot split the kv heads evenly: the model has "
+                                          "8 attention heads and 2 kv heads"):
+        check_divisible(Geometry(8, 2, 64), 4)
+    check_divisible(Geometry(32, 8, 128), 8)
+
+
+@pytest.mark.parametrize("size,parts", [(97, 2), (128, 2), (10, 4), (3, 4)])
+def test_shard_ranges_follow_torch_chunk(size, parts):
+    chunks = torch.arange(size).chunk(parts)
+    for index in range(parts):
+        start, stop = shard_range(size, parts, index)
+        expected = chunks[index].tolist() if index < len(chunks) else []
+        assert list(range(start, stop)) == expected
+
+
+@pytest.mark.parametrize("builder", ["torchtune.models.llama3_2.llama3_2", "torchtune.models.llama3_1.llama3_1_70b",
+                                     "torchtune.models.mistral.mistral", "torchtune.models.qwen2.qwen2",
+                                     "torchtune.models.qwen2_5.qwen2_5_7b_instruct", "leangen.hf_config.llama2_tied"])
+def test_llama_style_families_default_to_torchtunes_plan(builder):
+    assert default_plan(builder) == LLAMA_PLAN
+    plan = resolve_plan(None, builder)
+    assert "layers.*.attn.q_proj" in plan
+
+
+def test_a_family_without_a_plan_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match="no tensor-parallel plan for builder 'torchtune.models.gemma.gemma'"):
+        default_plan("torchtune.models.gemma.gemma")
+    from torchtune.models.phi3 import phi3
+
+    with pytest.raises(ConfigError, match="torchtune.models.phi3._model_builders.phi3|phi3"):
+        default_plan(phi3)
+
+
+def test_a_plan_from_the_config_is_instantiated_and_copied():
+    from torchtune.models.llama3 import base_llama_tp_plan
+
+    plan = resolve_plan(OmegaConf.create({"_component_": LLAMA_PLAN}), "anything")
+    assert plan == base_llama_tp_plan() and plan is not base_llama_tp_plan()
+    with pytest.raises(ConfigError, match="tensor_parallel_plan gave a list"):
+        resolve_plan(lambda: [1], "anything")
+    with pytest.raises(ConfigError, match="tensor_parallel_plan failed"):
+        resolve_plan("no.such.plan", "anything")
+
+
+@pytest.fixture
+def own_group(tmp_path):
+    """A one-rank gloo group made by the caller (not by leangen.distributed.start)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_stop_leaves_a_group_it_did_not_make(own_group):
+    from leangen import distributed
+
+    distributed.stop()
+    assert torch.distributed.is_initialized()
+
+
+def test_a_dead_peer_in_a_collective_is_one_line(own_group):
+    from leangen.distributed import peer_failure
+    from leangen.errors import LeangenError
+
+    gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:28572.\nmore")
+    failure = peer_failure(gloo)
+    assert isinstance(failure, LeangenError) and failure.__cause__ is gloo
+    assert str(failure).startswith("a collective with the other ranks failed, so another rank probably failed")
+    assert "\n" not in str(failure)
+    assert peer_failure(RuntimeError("shape mismatch")) is None
+    assert peer_failure(LeangenError("x")) is None
+
+
+@pytest.mark.parametrize("override,key", [("compile=true", "compile"), ("quantize=int8", "quantize"),
+                                          ("prepack=true", "prepack")])
+def test_what_tensor_parallelism_does_not_support_yet_is_refused_early(override, key):
+    from leangen.config import parse_args
+    from leangen.distributed import Ranks
+    from leangen.generate import GenerateConfig, _reject_bad_options
+
+    cfg = parse_args(["--config", "demo", override], GenerateConfig)
+    _reject_bad_options(cfg)  # one process: fine
+    with pytest.raises(ConfigError, match=f"^{key} with tensor parallelism \\(2 ranks\\) is not supported yet"):
+        _reject_bad_options(cfg, Ranks(0, 2, 0))
