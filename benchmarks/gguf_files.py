@@ -6,6 +6,9 @@
 - Q8_0 and Q4_0: llama-quantize through the binding (``llama_model_quantize``,
   ``benchmarks/llamacpp_driver.py quantize``) from the bf16 file, with its defaults:
   for Q4_0 that keeps the output projection (the tied embedding for Llama 3.2) at Q6_K.
+  When the run needs no bf16 file (the low-RAM runs of a 7B model), the converter
+  writes Q8_0 itself (``--outtype q8_0``) and Q4_0 is requantized from it, which saves
+  writing a 14.5 GB bf16 file; the weights are random, so only the format matters.
 
 The converter reads the tokenizer only to copy the vocabulary into the file. It takes
 a SentencePiece ``tokenizer.model`` (the ``small`` and ``mistral7b`` presets) as is.
@@ -60,26 +63,29 @@ def ensure_ggufs(checkpoint: Path, cache_root: Path, preset_name: str, kinds: li
         shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {kind: gguf_path(cache_root, preset_name, kind) for kind in kinds}
-    bf16 = gguf_path(cache_root, preset_name, "bf16")
+    # The file the converter writes and the others are quantized from.
+    base_kind = "bf16" if "bf16" in kinds or gguf_path(cache_root, preset_name, "bf16").exists() else "Q8_0"
+    base = gguf_path(cache_root, preset_name, base_kind)
     missing = [k for k, p in paths.items() if not p.exists()]
-    if missing and not bf16.exists():
+    if missing and not base.exists():
         converter = converter_script(cache_root, version, log)
-        log(f"converting {checkpoint.name} to GGUF bf16 with {converter.parent.parent.parent.name}'s "
+        log(f"converting {checkpoint.name} to GGUF {base_kind} with {converter.parent.parent.parent.name}'s "
             "convert_hf_to_gguf.py")
         staging = _staging_dir(checkpoint, out_dir / "hf")
-        _run([sys.executable, str(converter), str(staging), "--outtype", "bf16",
-              "--outfile", str(bf16) + ".partial"])
-        Path(str(bf16) + ".partial").rename(bf16)
+        _run([sys.executable, str(converter), str(staging), "--outtype", base_kind.lower(),
+              "--outfile", str(base) + ".partial"])
+        Path(str(base) + ".partial").rename(base)
     for kind in missing:
-        if kind == "bf16":
+        if kind == base_kind:
             continue
-        log(f"quantizing GGUF to {kind} (llama_model_quantize, {threads} threads)")
+        log(f"quantizing GGUF {base_kind} to {kind} (llama_model_quantize, {threads} threads)")
         partial = str(paths[kind]) + ".partial"
-        _run([sys.executable, str(_DRIVER), "quantize", str(bf16), partial, kind,
-              "--threads", str(threads)])
+        requantize = ["--allow-requantize"] if base_kind != "bf16" else []
+        _run([sys.executable, str(_DRIVER), "quantize", str(base), partial, kind,
+              "--threads", str(threads), *requantize])
         Path(partial).rename(paths[kind])
-    if "bf16" not in kinds and bf16.exists():
-        bf16.unlink()  # the quantized files are made; do not keep a second copy of the weights
+    if base_kind not in kinds and base.exists():
+        base.unlink()  # the files asked for are made; do not keep another copy of the weights
     marker.write_text(key)
     return paths
 
