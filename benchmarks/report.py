@@ -234,6 +234,35 @@ def issue10_targets(doc: dict) -> str:
     return "\n".join(["| target | result | medians |", "|---|---|---|", *checks])
 
 
+def issue10_shortfalls(doc: dict) -> list[str]:
+    """For each bit width where leangen decodes under 0.8x llama.cpp: how close each
+    comes to its own roofline, from this run's figures."""
+    figures = {n: s["figures"] for n, s in doc["summary"].items()}
+    bw = doc["limits"]["memory_read_gb_per_s"] * GB
+    shape, weights = doc["workload"].get("shape"), doc.get("weights", {})
+    notes = []
+    for label, lg, _, cpp in FORMAT_ROWS:
+        a = figures.get(lg, {}).get("decode_tokens_per_second", {}).get("median")
+        b = figures.get(cpp, {}).get("decode_tokens_per_second", {}).get("median")
+        need_a = bytes_per_token(shape, weights.get(lg, ""))
+        need_b = bytes_per_token(shape, weights.get(cpp, ""))
+        if not (a and b and need_a and need_b) or a >= 0.8 * b:
+            continue
+        notes.append(
+            f"{label}: leangen decodes {a:.2f} tok/s against llama.cpp's {b:.2f} ({a / b:.2f}x). "
+            f"leangen's weights need {need_a / GB:.2f} GB per token and it moves {a * need_a / GB:.1f} GB/s "
+            f"({100 * a * need_a / bw:.0f}% of the measured bandwidth); llama.cpp's need "
+            f"{need_b / GB:.2f} GB and it moves {b * need_b / GB:.1f} GB/s ({100 * b * need_b / bw:.0f}%). "
+            "So the gap is the matmul kernels' efficiency, not the bytes.")
+    first = {n: figures.get(n, {}).get("first_token_seconds", {}).get("median") for n in ("leangen", "llama.cpp-bf16")}
+    stages = {s["stage"].split(" ")[0]: s for s in (doc.get("load_profile") or {}).get("stages", [])}
+    if all(first.values()) and first["leangen"] > first["llama.cpp-bf16"] and "import" in stages:
+        notes.append(f"First token, whole process: leangen {first['leangen']:.2f} s, llama.cpp "
+                     f"{first['llama.cpp-bf16']:.2f} s; importing torch, torchtune and torchao alone takes "
+                     f"{stages['import']['seconds']:.2f} s in leangen's process.")
+    return notes
+
+
 def load_profile_table(profile: dict) -> str:
     """benchmarks/load_profile.py's stages: seconds and anonymous memory after each."""
     rows = ["| stage | seconds | anon RSS after (GB) | what it made |", "|---|---|---|---|"]
@@ -330,6 +359,9 @@ def render_markdown(doc: dict) -> str:
     targets10 = issue10_targets(doc)
     if targets10:
         parts += ["", "## Targets (issue 10)", "", targets10]
+        short10 = issue10_shortfalls(doc)
+        if short10:
+            parts += ["", "Where leangen falls short of llama.cpp:", "", *[f"- {n}" for n in short10]]
     targets = targets_table(summary, ratios) if w["preset"] == TARGET_PRESET else ""
     if targets:
         parts += ["", "## Targets (issue 5)", "", targets]

@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     # 5. where leangen's load goes, stage by stage (its own fresh process)
     names = [s.name for s in systems]
     profile = load_profile(preset, checkpoint) if "leangen" in names else None
-    kinds = [s.quantize for s in systems if s.name.startswith("leangen-")]
+    # Quantized loads are profiled against the bf16 load, so only when leangen bf16 ran too.
+    kinds = [s.quantize for s in systems if s.name.startswith("leangen-") and profile]
     quantize_profile = {k: load_profile(preset, checkpoint, quantize=k) for k in kinds}
 
     # 6. outputs
