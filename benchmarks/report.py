@@ -34,6 +34,8 @@ FORMAT_ROWS = [
 ]
 # Status prefix of a run repeated because other processes loaded the CPUs.
 DISTURBED = "disturbed"
+# Others' CPU share above which a run counts as disturbed (measure.IDLE_SHARE).
+IDLE_SHARE = 0.15
 
 # (key, column title, scale, format); the scale turns bytes into GB for the table.
 _FIGURES = [
@@ -245,6 +247,11 @@ def issue10_shortfalls(doc: dict) -> list[str]:
     bw = doc["limits"]["memory_read_gb_per_s"] * GB
     shape, weights = doc["workload"].get("shape"), doc.get("weights", {})
     notes = []
+    share = {}
+    for r in doc["runs"]:
+        if r["status"] == "ok" and r.get("background_cpu_share") is not None:
+            share.setdefault(r["system"], []).append(r["background_cpu_share"])
+    share = {k: statistics.median(v) for k, v in share.items()}
     for label, lg, _, cpp in FORMAT_ROWS:
         a = figures.get(lg, {}).get("decode_tokens_per_second", {}).get("median")
         b = figures.get(cpp, {}).get("decode_tokens_per_second", {}).get("median")
@@ -257,7 +264,7 @@ def issue10_shortfalls(doc: dict) -> list[str]:
             f"leangen's weights need {need_a / GB:.2f} GB per token and it moves {a * need_a / GB:.1f} GB/s "
             f"({100 * a * need_a / bw:.0f}% of the measured bandwidth); llama.cpp's need "
             f"{need_b / GB:.2f} GB and it moves {b * need_b / GB:.1f} GB/s ({100 * b * need_b / bw:.0f}%). "
-            "So the gap is the matmul kernels' efficiency, not the bytes.")
+            + _contention_verdict(share.get(lg), share.get(cpp)))
     first = {n: figures.get(n, {}).get("first_token_seconds", {}).get("median") for n in ("leangen", "llama.cpp-bf16")}
     stages = {s["stage"].split(" ")[0]: s for s in (doc.get("load_profile") or {}).get("stages", [])}
     if all(first.values()) and first["leangen"] > first["llama.cpp-bf16"] and "import" in stages:
@@ -265,6 +272,16 @@ def issue10_shortfalls(doc: dict) -> list[str]:
                      f"{first['llama.cpp-bf16']:.2f} s; importing torch, torchtune and torchao alone takes "
                      f"{stages['import']['seconds']:.2f} s in leangen's process.")
     return notes
+
+
+def _contention_verdict(a: float | None, b: float | None) -> str:
+    if a is None or b is None:
+        return ""
+    if max(a, b) <= IDLE_SHARE:
+        return "Both ran undisturbed: the gap is the matmul kernels' efficiency, not the bytes."
+    return (f"Other processes used {a:.0%} of the CPUs during leangen's run and {b:.0%} during "
+            "llama.cpp's, so this run cannot separate the kernels' efficiency from contention; "
+            "re-measure on a quiet machine.")
 
 
 def load_profile_table(profile: dict) -> str:
