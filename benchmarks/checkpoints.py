@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -103,12 +104,27 @@ def write_checkpoint(preset: Preset, out: Path) -> None:
         tensors = {name: _random_tensor(name, shapes[name], gen) for name in names}
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
         del tensors
+        _drop_from_page_cache(out / fname)
         weight_map.update({name: fname for name in names})
     index = {"metadata": {"total_size": checkpoint_bytes(preset)}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (out / "config.json").write_text(json.dumps(config, indent=2))
     generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+
+
+def _drop_from_page_cache(path: Path) -> None:
+    """Write a shard out and drop it from the page cache: writing a 14.5 GB model must not
+    evict what other processes (or a benchmark running beside it) keep cached. The
+    runner reads the shards again to warm the cache before it measures anything."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def shard_files(checkpoint_dir: Path) -> list[str]:

@@ -1,7 +1,16 @@
 """transformers as a user would run it: ``from_pretrained`` then greedy ``generate``.
 
 Run by the benchmark in a fresh process:
-    python benchmarks/hf_driver.py CHECKPOINT_DIR --prompt-ids 1,2,3 --new-tokens 64
+    python benchmarks/hf_driver.py CHECKPOINT_DIR --prompt-ids 1,2,3 --new-tokens 64 [--quantize int8|int4]
+
+``--quantize`` applies torchao weight-only quantization to the loaded model with
+``torchao.quantization.quantize_``, the same configs leangen uses on CPU (int8:
+``Int8WeightOnlyConfig``; int4: ``Int4WeightOnlyConfig(group_size=128,
+int4_packing_format="opaque")``). transformers' own ``TorchAoConfig`` would be the
+usual route, but transformers 5 requires torchao >= 0.15 for it, and torchtune 0.6.1
+(leangen's base) needs torchao < 0.15: ``TorchAoConfig`` then raises "TorchAoConfig
+requires torchao to be installed". ``quantize_`` after ``from_pretrained`` is what
+``TorchAoConfig`` does at the end of loading, so the model that decodes is the same.
 
 It writes ``first token`` to stdout, flushed, the moment the first new token
 exists (the runner stamps its arrival, as it does leangen's streamed text), and
@@ -46,6 +55,9 @@ def main() -> None:
     imported = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.bfloat16)
     model.eval()
+    bf16_loaded = time.perf_counter()
+    if args.quantize:
+        _quantize(model, args.quantize)
     loaded = time.perf_counter()
     ids = torch.tensor([[int(t) for t in args.prompt_ids.split(",")]])
     clock = StepClock()
@@ -61,13 +73,30 @@ def main() -> None:
     result = {
         "import_seconds": imported - _START,
         "load_seconds": loaded - imported,
+        "quantize_seconds": loaded - bf16_loaded if args.quantize else None,
         "first_token_seconds": stamps[0] - _START,
         "tokens_per_second": (len(stamps) - 1) / decode if decode else None,
         "generated_tokens": len(generated),
         "tokens": generated,
-        "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "model_bytes": sum(_tensor_bytes(p) for p in model.parameters()),
     }
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def _quantize(model, kind: str) -> None:
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    config = (Int8WeightOnlyConfig() if kind == "int8"
+              else Int4WeightOnlyConfig(group_size=128, int4_packing_format="opaque"))
+    quantize_(model, config)
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds; a torchao tensor subclass counts its inner tensors."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
 
 
 def _parse() -> argparse.Namespace:
@@ -75,6 +104,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("checkpoint")
     p.add_argument("--prompt-ids", required=True, help="comma-separated token ids")
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None)
     return p.parse_args()
 
 

@@ -1,7 +1,9 @@
 """The machine's limits, measured in the same run as the systems.
 
-- Memory read bandwidth (a large fp32 ``sum``): decode must read every weight once
-  per token, so bandwidth / model bytes is the decode ceiling in tokens/s.
+- Memory read bandwidth (an fp32 ``sum`` over a 4 GiB buffer, far larger than any
+  cache, with all of torch's threads, and with one): decode must read every weight
+  once per token, so bandwidth / bytes read per token is the decode ceiling (the
+  roofline) in tokens/s.
 - bf16 GEMV bandwidth (``F.linear`` of one token, what a decode step's matmuls
   are), the practical ceiling of an eager decode step.
 - Page-cache read speed of the checkpoint files, read once to warm the cache and
@@ -16,26 +18,46 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-_BANDWIDTH_BYTES = 1 << 30
+_BANDWIDTH_BYTES = 4 << 30
+_MIN_BANDWIDTH_BYTES = 1 << 30
 _GEMV_SHAPE = (8192, 8192)  # 128 MiB of bf16, far beyond any cache
 _REPEATS = 5
 _READ_CHUNK = 64 << 20
 
 
 def measure_limits(files: list[Path]) -> dict:
+    threads = torch.get_num_threads()
+    nbytes = _bandwidth_buffer_bytes()
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    all_threads = memory_read_bandwidth(x)
+    torch.set_num_threads(1)
+    one_thread = memory_read_bandwidth(x)
+    torch.set_num_threads(threads)
+    del x
     return {
-        "memory_read_gb_per_s": memory_read_bandwidth(),
+        "memory_read_gb_per_s": all_threads,
+        "memory_read_one_thread_gb_per_s": one_thread,
+        "memory_read_buffer_bytes": nbytes,
         "gemv_bf16_gb_per_s": gemv_bandwidth(),
         "page_cache_read_gb_per_s": page_cache_read_speed(files),
         "torch_threads": torch.get_num_threads(),
     }
 
 
-def memory_read_bandwidth() -> float:
-    x = torch.ones(_BANDWIDTH_BYTES // 4, dtype=torch.float32)
-    x.sum()  # first touch and thread-pool start-up are not bandwidth
+def memory_read_bandwidth(x: torch.Tensor) -> float:
+    """GB/s of ``x.sum()`` at torch's current thread count, best of a few."""
+    x.sum()  # thread-pool start-up is not bandwidth
     best = min(_timed(x.sum) for _ in range(_REPEATS))
     return x.numel() * x.element_size() / best / 1e9
+
+
+def _bandwidth_buffer_bytes() -> int:
+    """4 GiB, or a quarter of the memory available now if that is less (the machine is shared)."""
+    available = _BANDWIDTH_BYTES * 4
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            available = int(line.split()[1]) * 1024
+    return max(_MIN_BANDWIDTH_BYTES, min(_BANDWIDTH_BYTES, available // 4))
 
 
 def gemv_bandwidth() -> float:

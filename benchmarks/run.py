@@ -1,4 +1,4 @@
-"""Benchmark leangen against torchtune's generate recipe and transformers.
+"""Benchmark leangen against torchtune's generate recipe, transformers and llama.cpp.
 
     python benchmarks/run.py --preset llama3_2_1b --reps 3
     python benchmarks/run.py --preset small --reps 1 --systems leangen --results-dir /tmp/bench
@@ -41,7 +41,7 @@ from benchmarks.memcap import CapUnavailable, MemoryCap, probe  # noqa: E402
 from benchmarks.presets import PRESETS  # noqa: E402
 from benchmarks.report import DISTURBED, json_path, ratios_to, summarise, write_results  # noqa: E402
 from benchmarks import measure, systems as system_defs  # noqa: E402
-from benchmarks.systems import REPO_ROOT, SYSTEMS, System  # noqa: E402
+from benchmarks.systems import REPO_ROOT, SYSTEMS, LlamaCpp, System  # noqa: E402
 from benchmarks.workload import Workload, tokenize_prompt  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -55,7 +55,10 @@ BOUNDARIES = "\n\n".join(m.__doc__.split("\n", 1)[1].strip() for m in (system_de
 _CAP_HEADROOM = 4 << 30
 # Peak RSS over checkpoint bytes, used only to skip systems when no cap can be
 # made: torchtune holds the state dict and a fully allocated model at once.
-_EXPECTED_RSS_FACTOR = {"leangen": 1.1, "transformers": 1.1, "torchtune": 2.1}
+_EXPECTED_RSS_FACTOR = {"leangen": 1.1, "transformers": 1.1, "torchtune": 2.1,
+                        "leangen-int8": 0.6, "leangen-int4": 0.4, "transformers-int8": 1.1,
+                        "transformers-int4": 1.1, "llama.cpp-bf16": 1.1, "llama.cpp-Q8_0": 0.6,
+                        "llama.cpp-Q4_0": 0.4}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.render_only:
         return render_only(args)
     preset = PRESETS[args.preset]
-    systems = [SYSTEMS[name] for name in args.systems]
     notes: list[str] = []
+    systems, skipped = available_systems([SYSTEMS[name] for name in args.systems], notes)
 
     # 1. checkpoint, prompt and configs
     _progress(f"checkpoint for '{preset.name}' in {args.cache_dir}")
@@ -72,10 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     work_dir = args.cache_dir / "runs" / preset.name
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
-    workload = Workload(preset, checkpoint, work_dir, args.new_tokens)
+    workload = Workload(preset, checkpoint, work_dir, args.new_tokens, cache_dir=args.cache_dir,
+                        threads=torch_threads(),
+                        gguf_kinds=[s.kind for s in systems if isinstance(s, LlamaCpp)])
     tokenize_prompt(workload)
-    for system in systems:
-        system.prepare(workload)
+    systems = prepare_systems(systems, workload, skipped, notes)
 
     # 2. limits (this also warms the page cache for every system alike)
     _progress("measuring memory bandwidth and page-cache read speed")
@@ -96,10 +100,13 @@ def main(argv: list[str] | None = None) -> int:
             runs += run_with_retries(system, workload, rep, cap_bytes, args)
 
     # 5. where leangen's load goes, stage by stage (its own fresh process)
-    profile = load_profile(preset, checkpoint) if "leangen" in args.systems else None
+    names = [s.name for s in systems]
+    profile = load_profile(preset, checkpoint) if "leangen" in names else None
+    # Quantized loads are profiled against the bf16 load, so only when leangen bf16 ran too.
+    kinds = [s.quantize for s in systems if s.name.startswith("leangen-") and profile]
+    quantize_profile = {k: load_profile(preset, checkpoint, quantize=k) for k in kinds}
 
     # 6. outputs
-    names = [s.name for s in systems]
     summary = summarise(runs, names)
     document = {
         "meta": machine_meta(args),
@@ -108,9 +115,13 @@ def main(argv: list[str] | None = None) -> int:
             "model_bytes": checkpoint_bytes(preset), "prompt": workload.prompt_text,
             "prompt_tokens": workload.prompt_tokens, "prompt_token_count": len(workload.prompt_tokens),
             "new_tokens": args.new_tokens, "memory_cap_bytes": cap_bytes,
+            "threads": workload.threads, "shape": weight_shape(preset.hf_config),
         },
         "limits": limits,
         "load_profile": profile,
+        "quantize_profile": {k: v for k, v in quantize_profile.items() if v},
+        "weights": {s.name: s.weights for s in systems},
+        "skipped": skipped,
         "summary": summary,
         "ratios": ratios_to(summary),
         "runs": runs,
@@ -144,10 +155,56 @@ def render_only(args) -> int:
     return 0
 
 
-def load_profile(preset, checkpoint: Path) -> dict | None:
-    """benchmarks/load_profile.py on the same files, in bf16 like the systems."""
+def available_systems(systems: list[System], notes: list[str]) -> tuple[list[System], dict[str, str]]:
+    """The systems that can run here, and why each other one is skipped (also in ``notes``)."""
+    skipped = {s.name: reason for s in systems if (reason := s.unavailable())}
+    for name, reason in skipped.items():
+        notes.append(f"{name} skipped: {reason}.")
+        _progress(f"{name} skipped: {reason}")
+    return [s for s in systems if s.name not in skipped], skipped
+
+
+def prepare_systems(systems: list[System], w: Workload, skipped: dict[str, str],
+                    notes: list[str]) -> list[System]:
+    """Write each system's configs (and llama.cpp's GGUF files); a system whose files
+    cannot be made is skipped with a note, the others still run."""
+    ready = []
+    for system in systems:
+        try:
+            system.prepare(w)
+            ready.append(system)
+        except RuntimeError as e:
+            reason = f"its files could not be made ({str(e).splitlines()[0]})"
+            skipped[system.name] = reason
+            notes.append(f"{system.name} skipped: {reason}.")
+            _progress(f"{system.name} skipped: {e}")
+    return ready
+
+
+def torch_threads() -> int:
+    """The intra-op threads a fresh torch process gets here (OMP_NUM_THREADS or the cores)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+def weight_shape(config: dict) -> dict:
+    """Parameters read per decoded token: the transformer blocks' matmuls, and the
+    output projection (a tied one reads the embedding's rows once as well)."""
+    d, ff, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    hd = config.get("head_dim") or d // heads
+    block = d * (heads * hd) * 2 + d * (kv * hd) * 2 + 3 * d * ff
+    return {"block_linear_params": block * config["num_hidden_layers"], "output_params": v * d}
+
+
+def load_profile(preset, checkpoint: Path, quantize: str | None = None) -> dict | None:
+    """benchmarks/load_profile.py on the same files, in bf16 like the systems; with
+    ``quantize``, the streamed quantized load and a bf16 load quantized afterwards."""
     argv = [sys.executable, str(BENCH_DIR / "load_profile.py"), preset.builder, str(checkpoint),
             "--dtype", "bf16", "--builder-kwargs", json.dumps(preset.builder_kwargs)]
+    if quantize:
+        argv += ["--quantize", quantize]
     done = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         _progress(f"load profile failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -170,7 +227,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS), required=True)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--systems", default="leangen,torchtune,transformers",
+    p.add_argument("--systems", default=",".join(SYSTEMS),
                    type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                    help=f"comma-separated, from: {', '.join(SYSTEMS)}")
     p.add_argument("--new-tokens", type=int, default=64)
@@ -214,8 +271,10 @@ def results_path(args: argparse.Namespace) -> Path:
     if args.out is not None:
         return args.out
     folder = BENCH_DIR if args.update_tracked else args.results_dir or DEFAULT_RESULTS_DIR
-    headline = args.preset == HEADLINE_PRESET
-    return folder / ("RESULTS.md" if headline else f"RESULTS_{args.preset}.md")
+    # A run under an explicit cap is its own scenario, beside the preset's usual results.
+    cap = f"_cap{args.memory_cap_gb:g}gb" if args.memory_cap_gb else ""
+    headline = args.preset == HEADLINE_PRESET and not cap
+    return folder / ("RESULTS.md" if headline else f"RESULTS_{args.preset}{cap}.md")
 
 
 def plan_cap(preset, args, notes: list[str]) -> int | None:
@@ -310,11 +369,14 @@ def consistency_checks(runs: list[dict], w: Workload) -> list[str]:
     by_system = {}
     for name, tokens in pairs:
         by_system.setdefault(name, set()).add(tokens)
-    if "leangen" in by_system and "transformers" in by_system:
-        a, b = next(iter(by_system["leangen"])), next(iter(by_system["transformers"]))
+    for other in sorted(by_system):
+        if other == "leangen" or "leangen" not in by_system:
+            continue
+        a, b = next(iter(by_system["leangen"])), next(iter(by_system[other]))
         agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        checks.append(f"Greedy tokens, leangen vs transformers: the first {agree} of "
-                      f"{min(len(a), len(b))} agree (bf16 rounding may split a near-tie).")
+        checks.append(f"Greedy tokens, leangen (bf16) vs {other}: the first {agree} of "
+                      f"{min(len(a), len(b))} agree (rounding and quantization split near-ties of "
+                      "random weights).")
     for name, variants in sorted(by_system.items()):
         if len(variants) > 1:
             checks.append(f"{name} produced {len(variants)} different token sequences across repetitions.")
@@ -325,7 +387,8 @@ def machine_meta(args) -> dict:
     cpu = _cpuinfo_field("model name") or platform.processor()
     flags = _cpuinfo_field("flags").split()
     features = ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
-    versions = {pkg: _version(pkg) for pkg in ("torch", "torchtune", "transformers", "safetensors")}
+    versions = {pkg: _version(pkg) for pkg in ("torch", "torchtune", "torchao", "transformers",
+                                               "safetensors", "llama-cpp-python")}
     return {
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "machine": f"{cpu}, {os.cpu_count()} cores ({features}), {_mem_total() / 2**30:.1f} GiB RAM, "

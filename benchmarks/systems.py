@@ -1,4 +1,11 @@
-"""The three systems: how each is started, and how its figures are read back.
+"""The systems: how each is started, and how its figures are read back.
+
+leangen, torchtune and transformers in bf16; leangen and transformers quantized
+with torchao (``-int8``, ``-int4``: weight-only, int4 in groups of 128); llama.cpp
+through llama-cpp-python on GGUF files made by llama.cpp's own converter and
+quantizer (``llama.cpp-bf16``, ``-Q8_0``, ``-Q4_0``; see ``gguf_files.py``).
+llama.cpp is given the same number of threads as torch uses, the same prompt ids,
+and decodes the same number of tokens greedily.
 
 Boundaries (seconds are wall time):
 - first token: from spawning the process to the first generated token, so imports
@@ -13,8 +20,15 @@ Boundaries (seconds are wall time):
   around ``from_pretrained``. torchtune: between its log lines "Running
   InferenceRecipe" (start of ``main``) and "Model is initialized" (checkpoint read,
   conversion, model build, ``load_state_dict``), stamped on arrival.
-- decode tokens/s: leangen and transformers: (N - 1) / (time from the first to
-  the last token), prefill excluded. torchtune: its own N / T, prefill included.
+  llama.cpp: around ``Llama(model_path=...)`` (mmap of the GGUF, plus repacking
+  Q4_0 weights for its CPU kernels). Quantized leangen and transformers: the load
+  includes quantizing (leangen streams it layer by layer while loading;
+  transformers quantizes the loaded bf16 model), and the quantize time is recorded
+  separately where the system reports it.
+- decode tokens/s: leangen, transformers and llama.cpp: (N - 1) / (time from the
+  first to the last token), prefill excluded. torchtune: its own N / T, prefill
+  included. llama.cpp's first token is observed like transformers': its driver
+  prints a line the moment ``Llama.generate`` yields the first token.
 - transformers is handed the prompt ids, so unlike the other two it loads no
   tokenizer before its first token (for Llama 3's 128k-rank file that is about
   0.5 s and 0.05 GB of anonymous memory in leangen and torchtune).
@@ -31,6 +45,7 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks import gguf_files
 from benchmarks.checkpoints import shard_files
 from benchmarks.measure import ProcessRun
 from benchmarks.workload import DTYPE, SEED, Workload
@@ -41,6 +56,12 @@ _TORCHTUNE_TIMING = re.compile(r"Time for inference: ([\d.]+) sec total, ([\d.]+
 
 class System:
     name = ""
+    # The weight format its decode reads, for the roofline (report.BYTES_PER_WEIGHT).
+    weights = "bf16"
+
+    def unavailable(self) -> str | None:
+        """Why this system cannot run here (it is then skipped with a note), or None."""
+        return None
 
     def prepare(self, w: Workload) -> None:
         """Write whatever config files the system reads (once per benchmark run)."""
@@ -57,6 +78,7 @@ class System:
 
 class Leangen(System):
     name = "leangen"
+    quantize = None
 
     def prepare(self, w: Workload) -> None:
         config = {
@@ -74,10 +96,13 @@ class Leangen(System):
             "enable_kv_cache": True,
             "compile": False,
         }
+        if self.quantize:
+            config["quantize"] = self.quantize
         _write_yaml(self.config_path(w), config, "leangen generate recipe")
 
     def config_path(self, w: Workload) -> Path:
-        return w.work_dir / "leangen_generate.yaml"
+        suffix = f"_{self.quantize}" if self.quantize else ""
+        return w.work_dir / f"leangen_generate{suffix}.yaml"
 
     def argv(self, w: Workload, run_dir: Path) -> list[str]:
         return [sys.executable, "-m", "leangen.generate", "--config", str(self.config_path(w)),
@@ -94,6 +119,9 @@ class Leangen(System):
             first = run.first_stdout_seconds - (silent / rate if silent and rate else 0.0)
         return {
             "load_seconds": metrics["load_seconds"],
+            # leangen quantizes while loading; a separate figure only if it reports one
+            "quantize_seconds": metrics.get("quantize_seconds"),
+            "model_bytes": metrics.get("model_bytes"),
             "first_token_seconds": first,
             "decode_tokens_per_second": rate,
             "generated_tokens": metrics["generated_tokens"],
@@ -162,18 +190,29 @@ class Torchtune(System):
             shutil.rmtree(out, ignore_errors=True)
 
 
+class LeangenQuantized(Leangen):
+    """leangen's recipe with ``quantize: int8 | int4``."""
+
+    def __init__(self, kind: str):
+        self.quantize = self.weights = kind
+        self.name = f"leangen-{kind}"
+
+
 class Transformers(System):
     name = "transformers"
+    quantize = None
 
     def argv(self, w: Workload, run_dir: Path) -> list[str]:
-        return [sys.executable, str(REPO_ROOT / "benchmarks" / "hf_driver.py"), str(w.checkpoint_dir),
+        argv = [sys.executable, str(REPO_ROOT / "benchmarks" / "hf_driver.py"), str(w.checkpoint_dir),
                 "--prompt-ids", ",".join(map(str, w.prompt_tokens)), "--new-tokens", str(w.new_tokens)]
+        return argv + (["--quantize", self.quantize] if self.quantize else [])
 
     def parse(self, run: ProcessRun, w: Workload, run_dir: Path) -> dict:
-        line = run.find_line("RESULT ")
-        result = json.loads(line.text.split("RESULT ", 1)[1])
+        result = _driver_result(run)
         return {
             "load_seconds": result["load_seconds"],
+            "quantize_seconds": result.get("quantize_seconds"),
+            "model_bytes": result.get("model_bytes"),
             "first_token_seconds": run.first_stdout_seconds,
             "decode_tokens_per_second": result["tokens_per_second"],
             "generated_tokens": result["generated_tokens"],
@@ -183,7 +222,65 @@ class Transformers(System):
         }
 
 
-SYSTEMS = {s.name: s for s in (Leangen(), Torchtune(), Transformers())}
+class TransformersQuantized(Transformers):
+    """transformers with torchao weight-only quantization (``hf_driver.py --quantize``)."""
+
+    def __init__(self, kind: str):
+        self.quantize = self.weights = kind
+        self.name = f"transformers-{kind}"
+
+
+class LlamaCpp(System):
+    """llama.cpp through llama-cpp-python (the ``bench`` extra) on a GGUF file."""
+
+    def __init__(self, kind: str):
+        self.kind = self.weights = kind
+        self.name = f"llama.cpp-{kind}"
+
+    def unavailable(self) -> str | None:
+        if gguf_files.installed_version() is None:
+            return ("llama-cpp-python is not installed (it is in the bench extra: "
+                    "pip install -e '.[bench]')")
+        return None
+
+    def prepare(self, w: Workload) -> None:
+        # One call makes every GGUF the run needs (bf16 first, then the quantized ones).
+        self.path = gguf_files.ensure_ggufs(w.checkpoint_dir, w.cache_dir, w.preset.name,
+                                            w.gguf_kinds, w.threads, log=_progress)[self.kind]
+
+    def argv(self, w: Workload, run_dir: Path) -> list[str]:
+        return [sys.executable, str(REPO_ROOT / "benchmarks" / "llamacpp_driver.py"), "run",
+                str(self.path), "--prompt-ids", ",".join(map(str, w.prompt_tokens)),
+                "--new-tokens", str(w.new_tokens), "--threads", str(w.threads)]
+
+    def parse(self, run: ProcessRun, w: Workload, run_dir: Path) -> dict:
+        result = _driver_result(run)
+        return {
+            "load_seconds": result["load_seconds"],
+            "model_bytes": result["model_bytes"],
+            "first_token_seconds": run.first_stdout_seconds,
+            "decode_tokens_per_second": result["tokens_per_second"],
+            "generated_tokens": result["generated_tokens"],
+            "prompt_tokens": w.prompt_tokens,
+            "tokens": result["tokens"],
+            "reported": {k: v for k, v in result.items() if k != "tokens"},
+        }
+
+
+SYSTEMS = {s.name: s for s in (
+    Leangen(), LeangenQuantized("int8"), LeangenQuantized("int4"), Torchtune(), Transformers(),
+    TransformersQuantized("int8"), TransformersQuantized("int4"),
+    LlamaCpp("bf16"), LlamaCpp("Q8_0"), LlamaCpp("Q4_0"),
+)}
+
+
+def _driver_result(run: ProcessRun) -> dict:
+    line = run.find_line("RESULT ")
+    return json.loads(line.text.split("RESULT ", 1)[1])
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _silent_leading_tokens(w: Workload, tokens: list[int]) -> int | None:

@@ -9,7 +9,7 @@ same torchtune tokenizer call the recipe makes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,9 @@ class Workload:
     prompt_text: str = PROMPT
     prompt_tokens: list[int] | None = None
     tokenizer: Any = None    # the torchtune tokenizer, for decoding checks
+    cache_dir: Path | None = None  # where derived files (GGUF) are cached
+    threads: int = 1         # torch's intra-op threads; llama.cpp is given the same number
+    gguf_kinds: list[str] = field(default_factory=list)  # the llama.cpp files this run needs
 
     @property
     def tokenizer_block(self) -> dict:

@@ -1,4 +1,5 @@
-"""The benchmark runner works end to end: ``small`` preset, one repetition, leangen only.
+"""The benchmark runner works end to end: ``small`` preset, one repetition, leangen
+(plus leangen int8 once, and llama.cpp where llama-cpp-python is absent, to see it skipped).
 
 Timings are not asserted; this only shows that the checkpoint, tokenizer, configs,
 process measurement and report writer fit together. Nor is the number of runs:
@@ -8,6 +9,7 @@ makes depends on how busy the machine is, and the test must pass either way.
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -27,8 +29,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 from benchmarks.report import DISTURBED  # noqa: E402
 
-SMOKE_ARGS = ["--preset", "small", "--reps", "1", "--systems", "leangen",
-              "--new-tokens", "8", "--idle-wait", "0"]
+SMOKE_ARGS = ["--preset", "small", "--reps", "1", "--new-tokens", "8", "--idle-wait", "0"]
+# llama.cpp is in the bench extra, which CI does not install: there the runner must
+# skip it with a note. Where it is installed, the smoke run leaves it out (it would
+# fetch llama-cpp-python's sdist for the GGUF converter).
+LLAMA_CPP_INSTALLED = importlib.util.find_spec("llama_cpp") is not None
 # One intra-op thread for every process the runner starts: timings are not asserted,
 # and on a busy machine OpenMP threads spinning against other work slow each run
 # several times over (the same reason conftest.py sets one thread).
@@ -66,25 +71,41 @@ def tracked_results() -> dict[str, str]:
 def test_small_preset_runs_leangen(tmp_path, cache_dir, hogs):
     results_dir = tmp_path / "results"
     before = tracked_results()
+    # The quantized system costs one more short process: on the quiet machine only.
+    systems = ["leangen"] if hogs else ["leangen", "leangen-int8"]
+    skips_llama_cpp = not hogs and not LLAMA_CPP_INSTALLED
+    if skips_llama_cpp:
+        systems.append("llama.cpp-Q8_0")
     with cpu_hogs(hogs):
         proc = subprocess.run(
-            [*RUNNER, *SMOKE_ARGS, "--results-dir", str(results_dir), "--cache-dir", str(cache_dir)],
+            [*RUNNER, *SMOKE_ARGS, "--systems", ",".join(systems), "--results-dir", str(results_dir),
+             "--cache-dir", str(cache_dir)],
             cwd=REPO, env=SMOKE_ENV, capture_output=True, text=True, timeout=600,
         )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert tracked_results() == before
     assert sorted(p.name for p in results_dir.iterdir()) == ["RESULTS_small.md", "results_small.json"]
-    assert "| leangen |" in (results_dir / "RESULTS_small.md").read_text()
+    markdown = (results_dir / "RESULTS_small.md").read_text()
+    assert "| leangen |" in markdown
 
     results = json.loads((results_dir / "results_small.json").read_text())
-    # Repetition 1 ends in exactly one kept attempt; any before it were repeated
-    # because others used the CPUs, and are marked so.
-    *repeated, final = results["runs"]
-    assert all((r["rep"], r["system"]) == (1, "leangen") for r in results["runs"])
-    assert final["status"] == "ok", final["status"]
-    assert all(r["status"].startswith(DISTURBED) for r in repeated), [r["status"] for r in repeated]
-    assert final["generated_tokens"] >= 1
-    assert results["summary"]["leangen"]["ok"] == results["summary"]["leangen"]["runs"] == 1
+    ran = [s for s in systems if not s.startswith("llama.cpp")]
+    assert sorted({r["system"] for r in results["runs"]}) == sorted(ran)
+    for system in ran:
+        # Repetition 1 ends in exactly one kept attempt; any before it were repeated
+        # because others used the CPUs, and are marked so.
+        *repeated, final = [r for r in results["runs"] if r["system"] == system]
+        assert all(r["rep"] == 1 for r in results["runs"])
+        assert final["status"] == "ok", final["status"]
+        assert all(r["status"].startswith(DISTURBED) for r in repeated), [r["status"] for r in repeated]
+        assert final["generated_tokens"] >= 1
+        assert results["summary"][system]["ok"] == results["summary"][system]["runs"] == 1
+    if "leangen-int8" in ran:
+        assert "| leangen-int8 |" in markdown and "## Decode by weight format" in markdown
+        assert results["quantize_profile"]["int8"]["posthoc"]["counts"]["quantized"] > 0
+    if skips_llama_cpp:
+        assert "not installed" in results["skipped"]["llama.cpp-Q8_0"]
+        assert "- llama.cpp-Q8_0 skipped: llama-cpp-python is not installed" in markdown
 
     # --render-only finds the JSON in the same --results-dir and rewrites only there.
     (results_dir / "RESULTS_small.md").unlink()
@@ -93,6 +114,20 @@ def test_small_preset_runs_leangen(tmp_path, cache_dir, hogs):
     assert rendered.returncode == 0, rendered.stderr[-2000:]
     assert "| leangen |" in (results_dir / "RESULTS_small.md").read_text()
     assert tracked_results() == before
+
+
+def test_missing_llama_cpp_is_skipped_with_a_note(monkeypatch):
+    """Without the bench extra, llama.cpp systems are left out with a note, not an error."""
+    from benchmarks import gguf_files, run, systems
+
+    monkeypatch.setattr(gguf_files, "installed_version", lambda: None)
+    notes: list[str] = []
+    kept, skipped = run.available_systems(
+        [systems.SYSTEMS["leangen"], systems.SYSTEMS["llama.cpp-Q4_0"]], notes)
+    assert [s.name for s in kept] == ["leangen"]
+    assert list(skipped) == ["llama.cpp-Q4_0"]
+    assert notes == [f"llama.cpp-Q4_0 skipped: {skipped['llama.cpp-Q4_0']}."]
+    assert "pip install -e '.[bench]'" in notes[0]
 
 
 def test_runner_help():
