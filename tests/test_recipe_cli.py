@@ -148,7 +148,10 @@ def test_ctrl_c_or_kill_exits_with_one_line_and_keeps_the_finished_completions(t
     proc = subprocess.Popen(
         [*GENERATE, "--config", "demo", "prompts_file=prompts.txt", "batch_size=1",
          "max_new_tokens=100", f"output_file={out}"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_quiet_env())
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_quiet_env(),
+        # a shell's background job (`cmd &`) ignores SIGINT, and children inherit that: give
+        # the recipe the default disposition a terminal's Ctrl-C meets
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         printed, deadline = 0, time.monotonic() + 240
         while printed < 3 and time.monotonic() < deadline:  # completions end with a blank line
