@@ -236,18 +236,7 @@ class Transformers(System):
         return argv + (["--quantize", self.quantize] if self.quantize else [])
 
     def parse(self, run: ProcessRun, w: Workload, run_dir: Path) -> dict:
-        result = _driver_result(run)
-        return {
-            "load_seconds": result["load_seconds"],
-            "quantize_seconds": result.get("quantize_seconds"),
-            "model_bytes": result.get("model_bytes"),
-            "first_token_seconds": run.first_stdout_seconds,
-            "decode_tokens_per_second": result["tokens_per_second"],
-            "generated_tokens": result["generated_tokens"],
-            "prompt_tokens": w.prompt_tokens,
-            "tokens": result["tokens"],
-            "reported": {k: v for k, v in result.items() if k != "tokens"},
-        }
+        return _driver_figures(run, w)
 
 
 class TransformersQuantized(Transformers):
@@ -282,17 +271,7 @@ class LlamaCpp(System):
                 "--new-tokens", str(w.new_tokens), "--threads", str(w.threads)]
 
     def parse(self, run: ProcessRun, w: Workload, run_dir: Path) -> dict:
-        result = _driver_result(run)
-        return {
-            "load_seconds": result["load_seconds"],
-            "model_bytes": result["model_bytes"],
-            "first_token_seconds": run.first_stdout_seconds,
-            "decode_tokens_per_second": result["tokens_per_second"],
-            "generated_tokens": result["generated_tokens"],
-            "prompt_tokens": w.prompt_tokens,
-            "tokens": result["tokens"],
-            "reported": {k: v for k, v in result.items() if k != "tokens"},
-        }
+        return _driver_figures(run, w)
 
 
 SYSTEMS = {s.name: s for s in (
@@ -306,6 +285,23 @@ SYSTEMS = {s.name: s for s in (
 def _driver_result(run: ProcessRun) -> dict:
     line = run.find_line("RESULT ")
     return json.loads(line.text.split("RESULT ", 1)[1])
+
+
+def _driver_figures(run: ProcessRun, w: Workload) -> dict:
+    """The figures of a driver script (transformers, llama.cpp) that prints one RESULT line
+    and streams its tokens, so its first token is observed from outside."""
+    result = _driver_result(run)
+    return {
+        "load_seconds": result["load_seconds"],
+        "quantize_seconds": result.get("quantize_seconds"),
+        "model_bytes": result.get("model_bytes"),
+        "first_token_seconds": run.first_stdout_seconds,
+        "decode_tokens_per_second": result["tokens_per_second"],
+        "generated_tokens": result["generated_tokens"],
+        "prompt_tokens": w.prompt_tokens,
+        "tokens": result["tokens"],
+        "reported": {k: v for k, v in result.items() if k != "tokens"},
+    }
 
 
 def _progress(message: str) -> None:
