@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from leangen.errors import ConfigError
+from leangen.quantize import tied_linears
 
 # Dtypes oneDNN packs with a measured gain on CPU (fp16 has no fast path without AVX512-FP16).
 PACKABLE = (torch.bfloat16, torch.float32)
@@ -62,14 +63,11 @@ class Prepacker:
         return cls(device, dtype) if prepack else None
 
     def __call__(self, name: str, module: torch.nn.Module) -> None:
-        from torchtune.modules import TiedLinear
-
         for child_name, child in list(module.named_children()):
             if type(child) is torch.nn.Linear and _plain(child.weight):
                 setattr(module, child_name, self._pack(child.weight, child.bias))
-        for attr, value in list(vars(module).items()):
-            if isinstance(value, TiedLinear):  # the output gets its own packed copy
-                setattr(module, attr, self._pack(value.tied_module.weight, None))
+        for attr, tied in tied_linears(module):  # the output gets its own packed copy
+            setattr(module, attr, self._pack(tied.tied_module.weight, None))
         if name == "":
             module.leangen_prepacked = self.count
 

@@ -110,9 +110,8 @@ class Quantizer:
             self.quantize_linear(module)
         elif any(next(child.children(), None) is not None for child in module.children()):
             _return_freed_memory()  # a layer's Linears are done: their temporaries go back
-        for attr, value in list(vars(module).items()):
-            if _is_tied_linear(value):  # the embedding is final: children come first
-                setattr(module, attr, self.untie(value))
+        for attr, tied in tied_linears(module):  # the embedding is final: children come first
+            setattr(module, attr, self.untie(tied))
         if name == "":
             module.leangen_quantized = dict(self.counts)
 
@@ -146,12 +145,11 @@ class Quantizer:
         for prefix, module in model.named_modules():
             if type(module) is torch.nn.Linear:
                 found[prefix] = module.weight.shape if self.config(module) is not None else None
-            for attr, value in vars(module).items():
-                if _is_tied_linear(value):
-                    rows, cols = value.tied_module.weight.shape
-                    linear = torch.nn.Linear(cols, rows, bias=False, device="meta")
-                    name = f"{prefix}.{attr}" if prefix else attr
-                    found[name] = linear.weight.shape if self.config(linear) is not None else None
+            for attr, tied in tied_linears(module):
+                rows, cols = tied.tied_module.weight.shape
+                linear = torch.nn.Linear(cols, rows, bias=False, device="meta")
+                name = f"{prefix}.{attr}" if prefix else attr
+                found[name] = linear.weight.shape if self.config(linear) is not None else None
         return found
 
     def untie(self, tied) -> torch.nn.Linear:
@@ -187,10 +185,12 @@ def _load_libc():
 _LIBC = _load_libc()
 
 
-def _is_tied_linear(value) -> bool:
+def tied_linears(module: torch.nn.Module) -> list[tuple[str, object]]:
+    """(attribute, torchtune TiedLinear) pairs of ``module``: a tied output is a plain
+    attribute, not a child module, so ``named_children`` does not list it."""
     from torchtune.modules import TiedLinear
 
-    return isinstance(value, TiedLinear)
+    return [(attr, value) for attr, value in vars(module).items() if isinstance(value, TiedLinear)]
 
 
 def is_tensor_subclass(t: torch.Tensor) -> bool:
