@@ -1,7 +1,7 @@
 """transformers as a user would run it: ``from_pretrained`` then greedy ``generate``.
 
 Run by the benchmark in a fresh process:
-    python benchmarks/hf_driver.py CHECKPOINT_DIR --prompt-ids 1,2,3 --new-tokens 64 [--quantize int8|int4]
+    python benchmarks/hf_driver.py CHECKPOINT_DIR --prompt-ids 1,2,3 --new-tokens 64 [--quantize int8|int4] [--device cuda]
 
 ``--quantize`` applies torchao weight-only quantization to the loaded model with
 ``torchao.quantization.quantize_``, the same configs leangen uses on CPU (int8:
@@ -53,13 +53,16 @@ class StepClock(BaseStreamer):
 def main() -> None:
     args = _parse()
     imported = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.bfloat16)
+    # On CPU exactly the call the CPU results were measured with; elsewhere load straight there.
+    placement = {} if args.device == "cpu" else {"device_map": args.device}
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.bfloat16, **placement)
     model.eval()
     bf16_loaded = time.perf_counter()
     if args.quantize:
-        _quantize(model, args.quantize)
+        _quantize(model, args.quantize, args.device)
+    _synchronize(args.device)  # CUDA copies are asynchronous: the load ends when they land
     loaded = time.perf_counter()
-    ids = torch.tensor([[int(t) for t in args.prompt_ids.split(",")]])
+    ids = torch.tensor([[int(t) for t in args.prompt_ids.split(",")]], device=args.device)
     clock = StepClock()
     # min_new_tokens masks EOS, so every run decodes exactly --new-tokens tokens.
     out = model.generate(
@@ -79,16 +82,25 @@ def main() -> None:
         "generated_tokens": len(generated),
         "tokens": generated,
         "model_bytes": sum(_tensor_bytes(p) for p in model.parameters()),
+        "peak_device_bytes": (torch.cuda.max_memory_allocated()
+                              if args.device.startswith("cuda") else None),
     }
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def _quantize(model, kind: str) -> None:
+def _quantize(model, kind: str, device: str) -> None:
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
+    # The packing leangen uses on each device (leangen/quantize.py)
+    packing = "opaque" if device == "cpu" else "tile_packed_to_4d"
     config = (Int8WeightOnlyConfig() if kind == "int8"
-              else Int4WeightOnlyConfig(group_size=128, int4_packing_format="opaque"))
+              else Int4WeightOnlyConfig(group_size=128, int4_packing_format=packing))
     quantize_(model, config)
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
@@ -105,6 +117,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--prompt-ids", required=True, help="comma-separated token ids")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--quantize", choices=("int8", "int4"), default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/cuda_checks.py)")
     return p.parse_args()
 
 

@@ -88,7 +88,7 @@ class Leangen(System):
             "model": w.model_block,
             "checkpoint": {"path": str(w.checkpoint_dir), "model_type": "auto"},
             "tokenizer": w.tokenizer_block,
-            "device": "cpu",
+            "device": w.device,
             "dtype": DTYPE,
             "seed": SEED,
             "prompt": w.prompt_block,
@@ -150,7 +150,7 @@ class Torchtune(System):
                 "output_dir": "${output_dir}",
                 "model_type": w.preset.torchtune_model_type,
             },
-            "device": "cpu",
+            "device": w.device,
             "dtype": DTYPE,
             "seed": SEED,
             "tokenizer": w.tokenizer_block,
@@ -223,7 +223,9 @@ class LeangenCached(LeangenQuantized):
         super().prepare(w)
         warm = [sys.executable, "-m", "leangen.generate", "--config", str(self.config_path(w)),
                 "max_new_tokens=1"]
-        subprocess.run(warm, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        done = subprocess.run(warm, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:  # the runner skips the system with this line as the reason
+            raise RuntimeError(f"writing the quantized cache failed: {done.stderr.strip()[-500:]}")
 
 
 class Transformers(System):
@@ -232,7 +234,8 @@ class Transformers(System):
 
     def argv(self, w: Workload, run_dir: Path) -> list[str]:
         argv = [sys.executable, str(REPO_ROOT / "benchmarks" / "hf_driver.py"), str(w.checkpoint_dir),
-                "--prompt-ids", ",".join(map(str, w.prompt_tokens)), "--new-tokens", str(w.new_tokens)]
+                "--prompt-ids", ",".join(map(str, w.prompt_tokens)), "--new-tokens", str(w.new_tokens),
+                "--device", w.device]
         return argv + (["--quantize", self.quantize] if self.quantize else [])
 
     def parse(self, run: ProcessRun, w: Workload, run_dir: Path) -> dict:

@@ -37,6 +37,7 @@ class Workload:
     cache_dir: Path | None = None  # where derived files (GGUF) are cached
     threads: int = 1         # torch's intra-op threads; llama.cpp is given the same number
     gguf_kinds: list[str] = field(default_factory=list)  # the llama.cpp files this run needs
+    device: str = "cpu"      # where leangen, torchtune and transformers run (cuda_checks.py: cuda)
 
     @property
     def tokenizer_block(self) -> dict:

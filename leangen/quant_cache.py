@@ -309,7 +309,18 @@ def _torchao_class(path: str) -> type:
 # -- the key -------------------------------------------------------------------------
 
 def _versions() -> dict[str, str]:
-    return {name: metadata.version(name) for name in ("leangen", "torch", "torchao")}
+    return {name: _version(name) for name in ("leangen", "torch", "torchao")}
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        # Run from a source tree on PYTHONPATH (not pip-installed): no version to read, so
+        # the code that writes and reads entries stands in for it.
+        module = importlib.import_module(name)
+        files = sorted(Path(module.__file__).parent.rglob("*.py"))
+        return "source-" + hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
 
 
 def _file_identity(path: Path) -> dict:

@@ -147,3 +147,29 @@ def test_runner_writes_tracked_results_only_when_asked():
     assert proc.returncode == 2
     assert "--update-tracked" in proc.stderr.strip().splitlines()[-1]
     assert tracked_results() == before
+
+
+def test_cuda_checks_stager_on_cpu(cache_dir):
+    """The GPU script's Stager check, on CPU (where its copy path runs without events):
+    a failed copy would raise, and the figures it reports are there."""
+    from benchmarks.checkpoints import ensure_checkpoint
+    from benchmarks.cuda_checks import check_stager
+    from benchmarks.presets import PRESETS
+
+    checkpoint = ensure_checkpoint(PRESETS["small"], cache_dir)
+    result = check_stager(checkpoint, "cpu")
+    # the largest tensor of the preset (1024 x 256, untied: either one), under torchtune's name
+    assert result["tensor"] in ("tok_embeddings.weight", "output.weight")
+    assert result["pinned"] is False  # pinning is for CUDA targets only
+
+
+def test_cuda_results_render_from_their_json():
+    """benchmarks/RESULTS_cuda.md's table is rendered from results_cuda.json: every
+    system measured there gets a row, and a failed check its error."""
+    from benchmarks.cuda_checks import render
+
+    report = json.loads((BENCH_DIR / "results_cuda.json").read_text())
+    text = render(report)
+    for name in report["checks"]["systems"]["runs"]:
+        assert f"| {name} |" in text
+    assert "**failed**" not in text or any(not c["ok"] for c in report["checks"].values())

@@ -316,3 +316,24 @@ def test_the_recipes_write_then_hit_the_cache_and_say_so(capsys, cache_home, tmp
                            f"quantize_cache={setting}", f"output_file={results}", recipe=eval_main)
         assert code == 0, err
         assert json.loads(results.read_text())["metrics"]["quantize_cache"] == expected
+
+
+def test_version_of_a_source_tree_run(monkeypatch):
+    """Run from a checkout on PYTHONPATH (as on a lent GPU machine), leangen has no
+    installed metadata: the key then names its source instead of failing the load."""
+    from importlib import metadata
+
+    from leangen import quant_cache
+
+    real = metadata.version
+
+    def uninstalled(name):
+        if name == "leangen":
+            raise metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(quant_cache.metadata, "version", uninstalled)
+    versions = quant_cache._versions()
+    assert versions["leangen"].startswith("source-")
+    assert versions["leangen"] == quant_cache._versions()["leangen"]  # stable: a usable key
+    assert versions["torch"] == real("torch")
