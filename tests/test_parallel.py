@@ -47,7 +47,8 @@ RUNS = {
     "wide-int4": ("wide", ["quantize=int4", "quantize_cache=null", "prompt='one two three four'"]),
     # int8: each rank's row-wise shards have their own per-row scales, so not one
     # process's model (see test_each_rank_quantizes_exactly_its_own_shard); the cache is asked for
-    "llama3-int8": ("llama3", ["quantize=int8", "quantize_cache={root}/cache", "metrics_file={root}/int8-metrics.json"]),
+    "llama3-int8": ("llama3", ["quantize=int8", "quantize_cache={root}/cache",
+                               "metrics_file={root}/int8-metrics.json"]),
 }
 # Runs whose greedy ids must equal one process's: all but int8 (above).
 SAME_IDS = [run for run in RUNS if run != "llama3-int8"]
