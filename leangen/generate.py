@@ -205,7 +205,7 @@ def _reject_bad_options(cfg: DictConfig, ranks: distributed.Ranks = distributed.
         raise ConfigError("max_new_tokens and batch_size must be at least 1.")
     quant_spec(cfg)  # a bad quantize/quantizer value fails before the load
     if ranks.distributed:
-        unsupported = [k for k in ("quantize", "quantizer", "prepack", "compile") if cfg.get(k)]
+        unsupported = [k for k in ("prepack", "compile") if cfg.get(k)]  # quantize: per rank
         if unsupported:
             raise ConfigError(f"{unsupported[0]} with tensor parallelism ({ranks.world_size} ranks) is not "
                               "supported yet: run it on one process, or drop it.")

@@ -86,7 +86,9 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
       ``model.leangen_quant_cache`` is ``{"status": "hit" | "written" | "off", "file": path}``.
     - ``parallel``: a ``leangen.parallel.TensorParallel`` (under torchrun): the meta model
       is sharded by its plan and this rank reads only its rows or columns of each
-      sharded tensor (DTensor parameters); the rest is replicated.
+      sharded tensor (DTensor parameters); the rest is replicated. With ``quantize``,
+      each rank quantizes its own shards (``leangen.parallel_quant``; the counts are the
+      rank's) and ``quantize_cache`` is off.
 
     Returns the model in eval mode on ``device``, nothing on meta, with the parsed
     config.json as ``model.leangen_config`` (None without one).
@@ -113,6 +115,8 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
     view = open_checkpoint(raw, model_type=model_type, geometry=geometry, qk_layout=qk_layout(model))
     dtype = resolve_dtype(dtype, view, device)
     quantizer = Quantizer.for_load(quantize, device, dtype)  # None: keep full precision
+    if parallel is not None:  # each rank quantizes its shards; no cache
+        quantizer, quantize_cache = parallel.per_rank(quantizer, quantize_cache)
     prepacker = Prepacker.for_load(prepack, device, dtype)  # None: keep the mmap
     cache = open_cache(quantize_cache, raw.files, raw.config, quantizer, dtype, builder=builder,
                        builder_kwargs=builder_kwargs, model_type=model_type,
@@ -120,8 +124,6 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
     mark("open checkpoint (headers, key plan, RoPE layout)")
     take = None
     if parallel is not None:
-        if quantizer is not None:
-            raise ConfigError("quantize with tensor parallelism is not supported yet: run one of them.")
         parallel.parallelize(model, builder, geometry)  # after Geometry: it divides the heads
         take = parallel.taker(view, device, dtype)
         mark("tensor parallel plan on meta")

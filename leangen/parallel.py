@@ -186,6 +186,18 @@ class TensorParallel:
                         f"Use a number of ranks that divides {size}."
                     )
 
+    def per_rank(self, quantizer, cache_setting):
+        """``(hook, cache setting)`` for ``quantize`` on this rank: each rank quantizes its own
+        shards (``leangen.parallel_quant``), and the quantized cache is off: its entries hold
+        one process's whole quantized model, keyed without the rank's shard."""
+        if quantizer is None:
+            return None, cache_setting
+        from leangen.parallel_quant import ShardQuantizer
+
+        if cache_setting:
+            self.notes.append("quantize_cache is off: each rank quantizes its own shards on every load")
+        return ShardQuantizer(quantizer), None
+
     def taker(self, view, device: torch.device, dtype: torch.dtype) -> Callable:
         """``take(name, meta)`` for ``assign``: this rank's final DTensor for a planned
         parameter, None for a replicated one (which takes the normal path)."""

@@ -42,7 +42,21 @@ RUNS = {
     "llama3-sampled": ("llama3", ["temperature=0.8", "top_k=20", "seed=7"]),
     "qwen2-batch": ("qwen2", ["prompts_file={prompts}", "batch_size=2"]),
     "mistral-plan": ("mistral", ["tensor_parallel_plan=torchtune.models.llama3.base_llama_tp_plan"]),
+    # int4 on "wide", whose row-wise shards are whole int4 groups: the same math as one
+    # process (this prompt: "one two three" alone ends at once on the stop token)
+    "wide-int4": ("wide", ["quantize=int4", "quantize_cache=null", "prompt='one two three four'"]),
+    # int8: each rank's row-wise shards have their own per-row scales, so not one
+    # process's model (see test_each_rank_quantizes_exactly_its_own_shard); the cache is asked for
+    "llama3-int8": ("llama3", ["quantize=int8", "quantize_cache={root}/cache",
+                               "metrics_file={root}/int8-metrics.json"]),
 }
+# Runs whose greedy ids must equal one process's: all but int8 (above).
+SAME_IDS = [run for run in RUNS if run != "llama3-int8"]
+# Per-rank quantization jobs (tests/tp_worker.py quant_job): (checkpoint, kind). "uneven"
+# int4: rank 0's 49 output rows cannot be packed (a multiple of 16 is needed), rank 1's 48 can.
+QUANT = {"llama3-int8": ("llama3", "int8"), "llama3-int4": ("llama3", "int4"), "qwen2-int8": ("qwen2", "int8"),
+         "qwen2-int4": ("qwen2", "int4"), "uneven-int4": ("uneven", "int4"), "wide-int8": ("wide", "int8"),
+         "wide-int4": ("wide", "int4")}
 SHARD_BYTES = 60_000  # several files per checkpoint: a layer's q/k/v shards come from two files
 BIG_MODEL_MIN_BYTES = 200e6
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
@@ -109,6 +123,10 @@ def folders(tmp_path_factory):
     out["uneven"] = root / "uneven"
     make_hf_model("llama3_2", tied=False, vocab_size=97).save_pretrained(out["uneven"], max_shard_size=SHARD_BYTES)
     out["big"] = _big_checkpoint(root / "big")
+    # wide enough for int4's group of 128 on a rank's half of o_proj (256) and of w2 (512)
+    out["wide"] = root / "wide"
+    make_hf_model("llama3_2", tied=False, vocab_size=96, hidden_size=256, intermediate_size=512,
+                  head_dim=64).save_pretrained(out["wide"], max_shard_size=4 * SHARD_BYTES)
     # what 2 ranks cannot split: 3 kv heads (of 6), an MLP 131 wide
     out["kv3"] = root / "kv3"
     make_hf_model("llama3_2", tied=False, num_attention_heads=6, num_key_value_heads=3, hidden_size=48,
@@ -127,6 +145,7 @@ def tp_run(folders):
     out.mkdir()
     jobs = {"out": str(out), "memory": str(paths["big"]), "shards": str(paths["uneven"]),
             "refusals": {name: str(paths[name]) for name in ("kv3", "mlp131")},
+            "quant": {job: [str(paths[case]), kind] for job, (case, kind) in QUANT.items()},
             "generate": [[name, _args(root, name, paths, out / f"{name}.jsonl")] for name in RUNS],
             # last: rank 1 fails while loading; prompt "zero" tells its echo apart
             "fail_last": {"rank": 1, "args": ["--config", str(_config(root, "llama3", paths["llama3"])),
@@ -134,7 +153,8 @@ def tp_run(folders):
     (root / "jobs.json").write_text(json.dumps(jobs))
     done = subprocess.run([*TORCHRUN, str(WORKER), str(root / "jobs.json")], capture_output=True,
                           text=True, timeout=600, env=_env())  # a hang fails here
-    results = [f"{job}-rank{r}.json" for job in ("memory", "shards", "refusals", *RUNS) for r in (0, 1)]
+    jobs_done = ("memory", "shards", "refusals", *RUNS, *(f"quant-{job}" for job in QUANT))
+    results = [f"{job}-rank{r}.json" for job in jobs_done for r in (0, 1)]
     assert all((out / name).exists() for name in results), done.stderr[-3000:]
     return out, done
 
@@ -144,7 +164,7 @@ def _args(root: Path, run: str, paths: dict, output: Path) -> list[str]:
     prompts = root / "prompts.txt"
     prompts.write_text("one two three\nfour\nfive six seven eight nine\n")
     return ["--config", str(_config(root, case, paths[case])), f"output_file={output}",
-            *(o.format(prompts=prompts) for o in overrides)]
+            *(o.format(prompts=prompts, root=root) for o in overrides)]
 
 
 def _result(out: Path, job: str, rank: int) -> dict:
@@ -155,7 +175,7 @@ def _ids(path: Path) -> list[list[int]]:
     return [json.loads(line)["tokens"] for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("run", list(RUNS))
+@pytest.mark.parametrize("run", SAME_IDS)
 def test_tensor_parallel_ids_equal_one_process(run, folders, tp_run, tmp_path, capsys):
     root, paths = folders
     out, _ = tp_run
@@ -163,6 +183,8 @@ def test_tensor_parallel_ids_equal_one_process(run, folders, tp_run, tmp_path, c
     assert generate_main(_args(tmp_path, run, paths, single)) == 0
     capsys.readouterr()
     assert _ids(out / f"{run}.jsonl") == _ids(single)
+    if run == "wide-int4":  # its prompt was chosen to decode every step
+        assert [len(ids) for ids in _ids(single)] == [10]
     # Mistral's ends early on its stop token: the ranks stop together
     assert all(1 <= len(ids) <= 10 for ids in _ids(single))
     assert all(_result(out, run, rank)["exit_code"] == 0 for rank in (0, 1))
@@ -259,6 +281,91 @@ def test_what_the_ranks_cannot_split_is_refused_in_one_line(tp_run):
         assert errors["mlp131"].startswith("2 ranks cannot split 'layers.0.mlp.w1.weight' (size 131 along dim 0)")
 
 
+def _quant(out: Path, job: str) -> list[dict]:
+    return [_result(out, f"quant-{job}", rank) for rank in (0, 1)]
+
+
+@pytest.mark.parametrize("job", list(QUANT))
+def test_each_rank_quantizes_exactly_its_own_shard(job, tp_run):
+    """Every sharded Linear's local weight is the rank's slice quantized on its own
+    (compared as the dense matrix each kernel multiplies by), and where the math allows,
+    the same rows or columns as the one-process quantized layer."""
+    from leangen.quantize import QuantSpec
+
+    out, _ = tp_run
+    kind = QUANT[job][1]
+    ranks = _quant(out, job)
+    # 7 Linears a layer, 2 layers, and an untied output
+    assert all(len(r["layers"]) == (14 if job.startswith("qwen2") else 15) for r in ranks)
+    for name in ranks[0]["layers"]:
+        layer = [r["layers"][name] for r in ranks]
+        assert all(shard["alone_equal"] for shard in layer), (name, layer)
+        if layer[0]["placement"] == "S(0)":
+            # output rows: int8 scales and int4 groups are per row, as in the whole layer;
+            # unless one of the two is not quantized (uneven-int4: one process cannot pack
+            # the output's 97 rows, rank 1 can pack its 48)
+            assert [shard["whole_equal"] for shard in layer] == \
+                [shard["quantized"] == shard["whole_quantized"] for shard in layer], (name, layer)
+        elif kind == "int8":
+            # input columns: a rank's per-row scale is its half's maximum, not the row's
+            assert not all(shard["whole_equal"] for shard in layer), (name, layer)
+        else:
+            # int4 groups run along the inputs: exact when the rank's width takes the
+            # whole layer's group size (then the group boundaries coincide)
+            spec = QuantSpec("int4")
+            aligned = spec.group_for(layer[0]["local_in_features"]) == spec.group_for(layer[0]["in_features"])
+            assert all(shard["whole_equal"] == aligned for shard in layer), (name, layer)
+            assert aligned == job.startswith("wide"), name  # both cases are covered
+
+
+@pytest.mark.parametrize("job", list(QUANT))
+def test_tensor_parallel_quantized_logits(job, tp_run):
+    """(a) The ranks compute exactly the one-process model whose Linears hold the
+    per-shard quantized weights: 1e-4 as for fp32 above (the all-reduce sums partial
+    products in another order; measured up to 3e-6). (b) Against the fp32 model the
+    error is the size of one process's quantization error: a shard's rounding step is at
+    most the whole layer's (an int8 row's maximum over half the inputs is at most the
+    row's; int4 groups are no wider), so the bound is twice the one-process error, for
+    errors that add up differently (measured: at most 1.2 times)."""
+    out, _ = tp_run
+    for result in _quant(out, job):
+        diffs = result["diffs"]
+        assert diffs["emulated"] < 1e-4, diffs
+        assert diffs["tp_error"] < 2 * diffs["one_process_error"], diffs
+        if job == "wide-int4":  # every shard as in the whole layer: one process's model
+            assert diffs["one_process_quantized"] < 1e-4, diffs
+
+
+@pytest.mark.parametrize("job", list(QUANT))
+def test_each_rank_counts_what_it_quantized_and_a_tied_output_is_quantized_whole(job, tp_run):
+    out, _ = tp_run
+    weight = {"int8": "AffineQuantizedTensor", "int4": "Int4OpaqueTensor"}[QUANT[job][1]]
+    for rank, result in enumerate(_quant(out, job)):
+        if job == "uneven-int4":  # rank 0's 49 output rows stay fp32 (a DTensor), rank 1's 48 do not
+            assert result["layers"]["output"]["quantized"] == bool(rank)
+            assert result["counts"] == [{"quantized": 14, "skipped": 1}, {"quantized": 15, "skipped": 0}][rank]
+            continue
+        assert result["counts"] == result["one_process_counts"] == {"quantized": 15, "skipped": 0}
+        assert all(layer["quantized"] for layer in result["layers"].values())
+        # tied: each rank quantizes its own whole copy of the replicated embedding
+        assert result["output"] == ["Linear" if job.startswith("qwen2") else "ShardLinear", weight]
+
+
+def test_the_int8_recipe_reports_per_rank_quantization_and_no_cache(folders, tp_run):
+    root, paths = folders
+    out, _ = tp_run
+    assert all(_result(out, "llama3-int8", rank)["exit_code"] == 0 for rank in (0, 1))
+    assert all(len(ids) == 10 for ids in _ids(out / "llama3-int8.jsonl"))
+    metrics = json.loads((root / "int8-metrics.json").read_text())
+    assert metrics["quantized"] == {"quantized": 15, "skipped": 0}  # rank 0's
+    assert metrics["quantize_cache"] == "off" and not (root / "cache").exists()
+    assert "quantize_cache is off: each rank quantizes its own shards on every load" in \
+        metrics["tensor_parallel"]["notes"]
+    # rank 0's share: half of each sharded Linear at a byte a weight, against 4 in the file
+    checkpoint_bytes = sum(f.stat().st_size for f in paths["llama3"].glob("*.safetensors"))
+    assert metrics["model_bytes"] < 0.25 * checkpoint_bytes, metrics["model_bytes"]
+
+
 # --- without a launcher -------------------------------------------------------------------
 
 def test_heads_that_the_ranks_do_not_divide_are_one_line():
@@ -342,8 +449,7 @@ def test_a_dead_peer_in_a_collective_is_one_line(own_group):
     assert peer_failure(LeangenError("x")) is None
 
 
-@pytest.mark.parametrize("override,key", [("compile=true", "compile"), ("quantize=int8", "quantize"),
-                                          ("prepack=true", "prepack")])
+@pytest.mark.parametrize("override,key", [("compile=true", "compile"), ("prepack=true", "prepack")])
 def test_what_tensor_parallelism_does_not_support_yet_is_refused_early(override, key):
     from leangen.config import parse_args
     from leangen.distributed import Ranks
@@ -353,3 +459,12 @@ def test_what_tensor_parallelism_does_not_support_yet_is_refused_early(override,
     _reject_bad_options(cfg)  # one process: fine
     with pytest.raises(ConfigError, match=f"^{key} with tensor parallelism \\(2 ranks\\) is not supported yet"):
         _reject_bad_options(cfg, Ranks(0, 2, 0))
+
+
+@pytest.mark.parametrize("override", ["quantize=int8", "quantize=int4"])
+def test_quantize_is_accepted_under_tensor_parallelism(override):
+    from leangen.config import parse_args
+    from leangen.distributed import Ranks
+    from leangen.generate import GenerateConfig, _reject_bad_options
+
+    _reject_bad_options(parse_args(["--config", "demo", override], GenerateConfig), Ranks(0, 2, 0))

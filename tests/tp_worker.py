@@ -124,6 +124,86 @@ def shards_job(path: str, *, permute: bool = False) -> dict:
             "q_permuted_heads": view.entries["layers.0.attn.q_proj.weight"].transform.permute_heads}
 
 
+def dense(weight: torch.Tensor) -> torch.Tensor:
+    """The fp32 matrix a (quantized) weight multiplies by, read through its own kernel:
+    the identity's rows pick one column each, exactly. Int4's opaque CPU format has no
+    dequantize(); this works for both kinds and for plain tensors."""
+    eye = torch.eye(weight.shape[1], dtype=torch.float32)
+    return torch.nn.functional.linear(eye, weight).T
+
+
+def quantized_alone(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """``weight`` (a plain tensor) quantized on its own as leangen would, as dense fp32;
+    a layer the quantizer skips stays as it is."""
+    from leangen.quantize import Quantizer, QuantSpec
+
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+    Quantizer(QuantSpec(kind), torch.device("cpu"), weight.dtype).quantize_linear(linear)
+    return dense(linear.weight)
+
+
+def _placement(module: torch.nn.Module):
+    """The weight's placement of a sharded Linear, quantized (ShardLinear) or not; else
+    None (the embedding is sharded too, but not a Linear: never quantized)."""
+    from torch.distributed.tensor import DTensor
+
+    from leangen.parallel_quant import ShardLinear
+
+    if isinstance(module, ShardLinear):
+        return module.placement
+    if type(module) is torch.nn.Linear and isinstance(module.weight, DTensor):
+        return module.weight.placements[0]
+    return None
+
+
+def quant_job(path: str, kind: str) -> dict:
+    """Per-rank quantization on this rank. For each sharded Linear: is the local
+    quantized shard the rank's slice quantized alone, and is it the same rows or columns
+    of the one-process quantized layer? Then the logits against (a) ``emulated``: the
+    one-process quantized model whose sharded Linears have the per-shard quantized
+    weights (dense fp32), the exact model the ranks compute; (b) the one-process fp32 and
+    quantized models, for the size of the quantization error."""
+    from leangen import load_model
+    from leangen.parallel import shard_range
+    from leangen.parallel_quant import ShardLinear
+
+    parallel = tp()
+    model = load_model("auto", path, parallel=parallel, quantize=kind)
+    single = load_model("auto", path)  # fp32: the reference weights
+    single_q = load_model("auto", path, quantize=kind)
+    emulated = load_model("auto", path, quantize=kind)
+    layers = {}
+    for name, module in model.named_modules():
+        placement = _placement(module)
+        if placement is None:
+            continue
+        full = single.get_submodule(name).weight
+        ranges = [shard_range(full.shape[placement.dim], parallel.size, i) for i in range(parallel.size)]
+        pieces = [quantized_alone(full.narrow(placement.dim, a, b - a), kind) for a, b in ranges]
+        start, stop = ranges[parallel.index]
+        whole = dense(single_q.get_submodule(name).weight).narrow(placement.dim, start, stop - start)
+        local = dense(module.weight if isinstance(module, ShardLinear) else module.weight.to_local())
+        one_process = single_q.get_submodule(name).weight
+        layers[name] = {"placement": str(placement), "quantized": isinstance(module, ShardLinear),
+                        "whole_quantized": type(one_process) not in (torch.Tensor, torch.nn.Parameter),
+                        "in_features": full.shape[1], "local_in_features": local.shape[1],
+                        "alone_equal": torch.equal(local, pieces[parallel.index]),
+                        "whole_equal": torch.equal(local, whole)}
+        emulated.get_submodule(name).weight = torch.nn.Parameter(torch.cat(pieces, placement.dim),
+                                                                 requires_grad=False)
+    with torch.inference_mode():
+        logits, reference = model(TOKENS), single(TOKENS)
+        diffs = {"emulated": (logits - emulated(TOKENS)).abs().max().item(),
+                 "one_process_quantized": (logits - single_q(TOKENS)).abs().max().item(),
+                 "tp_error": (logits - reference).abs().max().item(),
+                 "one_process_error": (single_q(TOKENS) - reference).abs().max().item()}
+    return {"layers": layers, "diffs": diffs, "counts": model.leangen_quantized,
+            "one_process_counts": single_q.leangen_quantized,
+            # a tied output: a Linear of the rank's whole (replicated) copy, quantized
+            "output": [type(model.output).__name__, type(model.output.weight).__name__]}
+
+
 def refusals_job(paths: dict[str, str]) -> dict:
     """The one-line error each checkpoint's load gives on these ranks."""
     from leangen import load_model
@@ -171,6 +251,8 @@ def main(jobs_file: str) -> int:
     if jobs.get("shards"):
         save("shards", shards_job(jobs["shards"]))
         save("shards-permuted", shards_job(jobs["shards"], permute=True))
+    for name, (path, kind) in jobs.get("quant", {}).items():
+        save(f"quant-{name}", quant_job(path, kind))
     if jobs.get("refusals"):
         save("refusals", refusals_job(jobs["refusals"]))
     codes = []
