@@ -118,6 +118,9 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
     if parallel is not None:  # each rank quantizes its shards; no cache
         quantizer, quantize_cache = parallel.per_rank(quantizer, quantize_cache)
     prepacker = Prepacker.for_load(prepack, device, dtype)  # None: keep the mmap
+    if parallel is not None and prepacker is not None:  # the recipe refuses it too
+        raise ConfigError("prepack with tensor parallelism is not supported: oneDNN's packed "
+                          "Linear takes no DTensor shards. Drop prepack, or run one process.")
     cache = open_cache(quantize_cache, raw.files, raw.config, quantizer, dtype, builder=builder,
                        builder_kwargs=builder_kwargs, model_type=model_type,
                        family=view.family.name, qk_layout=qk_layout(model))

@@ -468,3 +468,13 @@ def test_quantize_is_accepted_under_tensor_parallelism(override):
     from leangen.generate import GenerateConfig, _reject_bad_options
 
     _reject_bad_options(parse_args(["--config", "demo", override], GenerateConfig), Ranks(0, 2, 0))
+
+
+def test_load_model_refuses_prepack_under_tensor_parallelism():
+    """From Python too, not only in the recipe: the refusal comes before any mesh is used."""
+    import leangen
+    from leangen.parallel import TensorParallel
+
+    with pytest.raises(ConfigError, match="prepack with tensor parallelism is not supported"):
+        leangen.load_model("auto", demo_dir(), device="cpu", dtype="fp32",
+                           prepack=True, parallel=TensorParallel(mesh=None))
