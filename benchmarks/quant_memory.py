@@ -1,13 +1,16 @@
 """Peak anonymous memory of a first quantized load, against issue #10's bound.
 
-    python -m benchmarks.quant_memory [--folder DIR] [--kind int8 int4] [--repeat 1]
+    python -m benchmarks.quant_memory [--folder DIR] [--kind int8 int4] [--repeat 1] [--chunk-mib N]
 
 Each load runs in a fresh subprocess (``--child``): ``load_model(..., quantize=kind,
 quantize_cache=None)`` while a thread samples RssAnon (/proc/self/status) every 2 ms.
 VmHWM is no use here: it counts the checkpoint's mmap'd file pages. The child reports
 the peak anon growth over its value after imports, the step (the Linear being
-quantized, by module name) running when the peak was seen, the load time, and the
-bound: quantized model bytes + the largest Linear in bf16 + 64 MiB.
+quantized, by module name) running when the peak was seen, the load time (wall and
+process CPU: on a busy machine OpenMP threads spin-waiting for a preempted peer burn
+CPU at every parallel region, so OMP_WAIT_POLICY=PASSIVE tells that cost apart), and the
+bound: quantized model bytes + the largest Linear in bf16 + 64 MiB. ``--chunk-mib`` sets
+``leangen.quantize.CHUNK_BYTES`` (how much full-precision weight torchao gets at once).
 """
 
 from __future__ import annotations
@@ -77,28 +80,32 @@ def _label_steps(meter: PeakAnon) -> None:
     Quantizer.__call__ = labelled
 
 
-def child(folder: str, kind: str) -> dict:
+def child(folder: str, kind: str, chunk_mib: int | None) -> dict:
     import torch
 
     import leangen
+    import leangen.quantize
     from leangen.quantize import tensor_bytes
+
+    if chunk_mib is not None:
+        leangen.quantize.CHUNK_BYTES = chunk_mib << 20
 
     import torchao.quantization  # noqa: F401  imports before the baseline
     base = _rss_anon()
     meter = PeakAnon()
     _label_steps(meter)
     with meter:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         model = leangen.load_model("auto", folder, device="cpu", dtype="bf16", quantize=kind,
                                    quantize_cache=None)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     quantized = sum(tensor_bytes(p) for p in model.parameters())
     # the embedding stays the file's mmap: it is not anonymous memory
     embedding = model.tok_embeddings.weight
     anon_params = quantized - tensor_bytes(embedding)
     largest = max(m.in_features * m.out_features * 2 for m in model.modules()
                   if isinstance(m, torch.nn.Linear))
-    return {"kind": kind, "seconds": seconds, "peak_anon": meter.peak - base,
+    return {"kind": kind, "seconds": seconds, "cpu_seconds": cpu, "peak_anon": meter.peak - base,
             "peak_step": meter.peak_step, "after_anon": _rss_anon() - base,
             "quantized_bytes": anon_params, "largest_linear_bf16": largest,
             "bound": anon_params + largest + SLACK, "counts": model.leangen_quantized}
@@ -109,21 +116,24 @@ def main(argv=None) -> None:
     parser.add_argument("--folder", default=str(DEFAULT_FOLDER))
     parser.add_argument("--kind", nargs="+", default=["int8", "int4"])
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--chunk-mib", type=int, default=None)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.folder, args.kind[0])))
+        print(json.dumps(child(args.folder, args.kind[0], args.chunk_mib)))
         return
     for _ in range(args.repeat):
         for kind in args.kind:
+            chunk = [] if args.chunk_mib is None else ["--chunk-mib", str(args.chunk_mib)]
             out = subprocess.run([sys.executable, "-m", "benchmarks.quant_memory", "--child",
-                                  "--folder", args.folder, "--kind", kind],
+                                  "--folder", args.folder, "--kind", kind, *chunk],
                                  capture_output=True, text=True, check=True).stdout
             r = json.loads(out.strip().splitlines()[-1])
             print(f"{kind}: peak anon {r['peak_anon'] / 1e9:.3f} GB at {r['peak_step']!r} | "
                   f"bound {r['bound'] / 1e9:.3f} GB (quantized {r['quantized_bytes'] / 1e9:.3f} "
                   f"+ largest Linear {r['largest_linear_bf16'] / 1e9:.3f} + 64 MiB) | "
-                  f"after {r['after_anon'] / 1e9:.3f} GB | load {r['seconds']:.2f} s", flush=True)
+                  f"after {r['after_anon'] / 1e9:.3f} GB | load {r['seconds']:.2f} s "
+                  f"({r['cpu_seconds']:.2f} s CPU)", flush=True)
 
 
 if __name__ == "__main__":
