@@ -5,7 +5,9 @@ the move stage, which calls it on each module as soon as that module's tensors a
 final (children before parents). A Linear is quantized right there, while the rest of
 the model is still the checkpoint's mmap, so at most one Linear is ever resident in
 full precision: peak memory is the quantized model plus one layer, never the
-full-precision model.
+full-precision model. torchao quantizes through temporaries several times a weight's
+size, so a Linear over ``CHUNK_BYTES`` goes to torchao in chunks of output rows, joined
+into the one tensor quantizing it whole would give (bit for bit; see ``ROW_DIMS``).
 
 Quantization is not a ``Transform``: torchao's weights are tensor subclasses, which
 ``tensor.data = t`` cannot install, so ``quantize_`` sets a new Parameter on the module.
@@ -158,7 +160,7 @@ class Quantizer:
             _copy_rows(out, part, start)
             del part
             # the chunk's temporaries sit in glibc's heap (under its adaptive mmap
-            # threshold): without this, they pile up to ~1 GB over a 1B model's output
+            # threshold): without this, they piled up to 0.6 GB over a 1B model's int4 output
             _return_freed_memory()
         return out
 
@@ -204,7 +206,8 @@ class Quantizer:
 # The most bytes of full-precision weight handed to torchao at once. torchao quantizes
 # through temporaries several times the weight's size (fp32 copies; int4's codes are int32
 # before packing): whole, a Llama-3.2-1B tied output (128256 x 2048, 525 MB in bf16) took
-# 1.1 GB (int8) and 1.7 GB (int4) more than its result (benchmarks/quant_memory.py).
+# 0.8 GB (int8) and 1.4 GB (int4) on top of its result (benchmarks/quant_memory.py); in
+# 16 MiB chunks, under 0.1 GB. Smaller chunks cost more calls (and OpenMP spin-waits).
 CHUNK_BYTES = 16 << 20
 # Chunks start at multiples of this many rows: int4's CPU packing
 # (aten._convert_weight_to_int4pack_for_cpu) interleaves the rows of each block of 64
@@ -221,10 +224,10 @@ def chunk_rows(weight: torch.Tensor) -> int:
 # Per torchao class whose inner tensors are plain: the dimension that runs over the
 # layer's output rows, per inner tensor. Both formats quantize each row on its own (int8:
 # one scale per row; int4: groups along a row, packed within blocks of rows that chunks
-# do not split: ROW_MULTIPLE), so chunks of rows
-# joined along these dimensions are, bit for bit, the whole layer quantized at once
-# (tests/test_quantize.py checks). AffineQuantizedTensor only wraps its tensor_impl.
-# Formats not listed (CUDA's tile-packed int4: rows interleaved in tiles) are not chunked.
+# do not split: ROW_MULTIPLE), so chunks of rows joined along these dimensions are, bit
+# for bit, the whole layer quantized at once (tests/test_quantize.py checks).
+# AffineQuantizedTensor only wraps its tensor_impl. Formats not listed (CUDA's
+# tile-packed int4, not checked row by row) are quantized whole.
 ROW_DIMS = {
     "PlainAQTTensorImpl": {"int_data": 0, "scale": 0, "zero_point": 0},  # int8
     "Int4OpaqueTensor": {"qdata": 0, "scale_and_zero": 1},  # int4 on CPU
