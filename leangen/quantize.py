@@ -5,7 +5,9 @@ the move stage, which calls it on each module as soon as that module's tensors a
 final (children before parents). A Linear is quantized right there, while the rest of
 the model is still the checkpoint's mmap, so at most one Linear is ever resident in
 full precision: peak memory is the quantized model plus one layer, never the
-full-precision model.
+full-precision model. torchao quantizes through temporaries several times a weight's
+size, so a Linear over ``CHUNK_BYTES`` goes to torchao in chunks of output rows, joined
+into the one tensor quantizing it whole would give (bit for bit; see ``ROW_DIMS``).
 
 Quantization is not a ``Transform``: torchao's weights are tensor subclasses, which
 ``tensor.data = t`` cannot install, so ``quantize_`` sets a new Parameter on the module.
@@ -134,8 +136,46 @@ class Quantizer:
         if config is None:
             self.counts["skipped"] += 1
             return
-        self._quantize_(linear, config)
+        # one chunk, or a format whose rows cannot be joined: torchao's whole-layer path
+        weight = (self.quantize_rows(linear.weight, config)
+                  if chunk_rows(linear.weight) < linear.out_features else None)
+        if weight is None:
+            self._quantize_(linear, config)
+        else:
+            linear.weight = torch.nn.Parameter(weight, requires_grad=False)
         self.counts["quantized"] += 1
+
+    def quantize_rows(self, weight: torch.Tensor, config) -> torch.Tensor | None:
+        """``weight`` quantized ``chunk_rows`` output rows at a time into one preallocated
+        tensor, so torchao's temporaries are one chunk's, not the layer's; None for a
+        format not in ``ROW_DIMS`` (nothing is kept then)."""
+        rows = chunk_rows(weight)
+        out = None
+        for start in range(0, weight.shape[0], rows):
+            part = self.quantize_weight(weight[start:start + rows], config)
+            if out is None:
+                out = _empty_rows(part, weight.shape[0])
+                if out is None:
+                    return None
+            _copy_rows(out, part, start)
+            del part
+            # the chunk's temporaries sit in glibc's heap (under its adaptive mmap
+            # threshold): without this, they piled up to 0.6 GB over a 1B model's int4 output
+            _return_freed_memory()
+        return out
+
+    def quantize_weight(self, weight: torch.Tensor, config) -> torch.Tensor:
+        """torchao's quantized tensor for ``weight``, through ``quantize_`` on a Linear
+        holding it: the same path, hence the same result, as quantizing a model's Linear."""
+        with torch.device("meta"):
+            linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self._quantize_(linear, config)
+        weight = linear.weight.data
+        # int8's handler gives the Linear a bound-method extra_repr, a reference cycle that
+        # only the cyclic GC frees: the Linear must not keep the chunk alive until then
+        linear._parameters.clear()
+        return weight
 
     def targets(self, model: torch.nn.Module) -> dict[str, torch.Size | None]:
         """Every Linear this hook would meet, by module name (a tied output under its
@@ -161,6 +201,75 @@ class Quantizer:
         linear.weight = torch.nn.Parameter(weight, requires_grad=False)
         self.quantize_linear(linear)
         return linear.requires_grad_(False)
+
+
+# The most bytes of full-precision weight handed to torchao at once. torchao quantizes
+# through temporaries several times the weight's size (fp32 copies; int4's codes are int32
+# before packing): whole, a Llama-3.2-1B tied output (128256 x 2048, 525 MB in bf16) took
+# 0.8 GB (int8) and 1.4 GB (int4) on top of its result (benchmarks/quant_memory.py); in
+# 16 MiB chunks, under 0.1 GB. Smaller chunks cost more calls (and OpenMP spin-waits).
+CHUNK_BYTES = 16 << 20
+# Chunks start at multiples of this many rows: int4's CPU packing
+# (aten._convert_weight_to_int4pack_for_cpu) interleaves the rows of each block of 64
+# (AVX512; 32 with AVX2), so a chunk boundary inside a block would pack differently.
+ROW_MULTIPLE = 64
+
+
+def chunk_rows(weight: torch.Tensor) -> int:
+    """Rows per chunk: as many as fit in CHUNK_BYTES, a multiple of ROW_MULTIPLE, at least that."""
+    row_bytes = weight.shape[1] * weight.element_size()
+    return max(ROW_MULTIPLE, CHUNK_BYTES // row_bytes // ROW_MULTIPLE * ROW_MULTIPLE)
+
+
+# Per torchao class whose inner tensors are plain: the dimension that runs over the
+# layer's output rows, per inner tensor. Both formats quantize each row on its own (int8:
+# one scale per row; int4: groups along a row, packed within blocks of rows that chunks
+# do not split: ROW_MULTIPLE), so chunks of rows joined along these dimensions are, bit
+# for bit, the whole layer quantized at once (tests/test_quantize.py checks).
+# AffineQuantizedTensor only wraps its tensor_impl. Formats not listed (CUDA's
+# tile-packed int4, not checked row by row) are quantized whole.
+ROW_DIMS = {
+    "PlainAQTTensorImpl": {"int_data": 0, "scale": 0, "zero_point": 0},  # int8
+    "Int4OpaqueTensor": {"qdata": 0, "scale_and_zero": 1},  # int4 on CPU
+}
+WRAPPERS = ("AffineQuantizedTensor",)
+
+
+def _empty_rows(part: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """A tensor like the chunk ``part`` (same class, metadata, dtypes) for ``rows`` output
+    rows, its inner tensors uninitialised; None if ``part``'s format is not known."""
+    name = type(part).__name__
+    if name not in ROW_DIMS and name not in WRAPPERS:
+        return None
+    names, context = part.__tensor_flatten__()
+    inner = {}
+    for n in names:
+        t = getattr(part, n)
+        if name in WRAPPERS:
+            inner[n] = _empty_rows(t, rows)
+            if inner[n] is None:
+                return None
+        else:
+            dim = ROW_DIMS[name].get(n)
+            if dim is None:
+                return None
+            inner[n] = t.new_empty((*t.shape[:dim], rows, *t.shape[dim + 1:]))
+    size = torch.Size((rows, *part.shape[1:]))
+    if isinstance(context, dict) and "shape" in context:  # Int4OpaqueTensor keeps its own
+        context = {**context, "shape": size}
+    return type(part).__tensor_unflatten__(inner, context, size, None)
+
+
+def _copy_rows(out: torch.Tensor, part: torch.Tensor, start: int) -> None:
+    """Copy the chunk ``part``'s inner tensors into ``out``'s, from output row ``start``."""
+    name = type(part).__name__
+    for n in part.__tensor_flatten__()[0]:
+        src, dst = getattr(part, n), getattr(out, n)
+        if name in WRAPPERS:
+            _copy_rows(dst, src, start)
+        else:
+            dim = ROW_DIMS[name][n]
+            dst.narrow(dim, start, src.shape[dim]).copy_(src)
 
 
 def _return_freed_memory() -> None:

@@ -75,6 +75,22 @@ def test_a_cached_load_gives_bit_identical_logits(tiny_checkpoint, cache_home, k
     assert torch.equal(logits(hit), logits(fresh)) and torch.equal(logits(written), logits(fresh))
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_row_chunked_weights_are_cached_and_read_back_as_the_whole_layers(tiny_checkpoint, cache_home,
+                                                                          monkeypatch, kind):
+    """Quantized in 64-row chunks (leangen.quantize.CHUNK_BYTES), the joined tensors are
+    written and read back like whole-layer ones: the same logits as quantizing whole."""
+    import leangen.quantize as quantize
+
+    ckpt = tiny_checkpoint("llama3_2")  # tied: the 128-row output is chunked in untie
+    whole = logits(load(ckpt, quantize=kind))
+    monkeypatch.setattr(quantize, "CHUNK_BYTES", 1)
+    written = load(ckpt, quantize=kind, quantize_cache="auto")
+    hit = load(ckpt, quantize=kind, quantize_cache="auto")
+    assert (status(written), status(hit)) == ("written", "hit")
+    assert torch.equal(logits(written), whole) and torch.equal(logits(hit), whole)
+
+
 def test_a_pickled_checkpoint_is_cached_too(tiny_checkpoint):
     ckpt = tiny_checkpoint("llama", fmt="bin")  # untied llama2, pytorch_model*.bin: no header to hash
     fresh = load(ckpt, quantize="int4")

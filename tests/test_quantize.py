@@ -179,3 +179,100 @@ def test_int8_linear_runs_the_aten_int8_kernel_on_cpu():
     assert not torch.equal(torchao_impl(x, linear.weight, linear.bias), expected)
     reference = x.float() @ (impl.int_data.float() * impl.scale.float()[:, None]).T + linear.bias.float()
     torch.testing.assert_close(linear(x).float(), reference, atol=0.05, rtol=0.02)
+
+
+# -- large Linears are quantized in row chunks (issue #10: the bound on peak memory) -----
+
+def quantized_parts(t: torch.Tensor) -> list:
+    """Everything that makes a torchao tensor, recursively: class, flatten context, outer
+    shape and strides, and each plain inner tensor (compared with torch.equal)."""
+    if type(t) in (torch.Tensor, torch.nn.Parameter):
+        return [(t.dtype, t.shape, t.stride(), t)]
+    names, context = t.__tensor_flatten__()
+    return [(type(t), context, t.shape, t.stride(), names),
+            *(part for n in names for part in quantized_parts(getattr(t, n)))]
+
+
+def assert_identical(got: torch.Tensor, want: torch.Tensor) -> None:
+    got, want = quantized_parts(got), quantized_parts(want)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        if isinstance(g[-1], torch.Tensor):
+            assert g[:-1] == w[:-1] and torch.equal(g[-1], w[-1])
+        else:
+            assert g == w
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of ROW_MULTIPLE (64) rows, so the small layers here are cut in several."""
+    import leangen.quantize as quantize
+
+    monkeypatch.setattr(quantize, "CHUNK_BYTES", 1)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [256, 208])  # 208: a last chunk of 16 rows, a partial int4 block
+def test_row_chunks_join_into_the_whole_layer_bit_for_bit(small_chunks, monkeypatch, kind, rows):
+    torch.manual_seed(0)
+    quantizer = Quantizer(QuantSpec(kind), torch.device("cpu"), torch.bfloat16)
+    weight = torch.randn(rows, 256, dtype=torch.bfloat16)
+    whole = torch.nn.Linear(256, rows, bias=True, dtype=torch.bfloat16).requires_grad_(False)
+    whole.weight.copy_(weight)
+    chunked = torch.nn.Linear(256, rows, bias=True, dtype=torch.bfloat16).requires_grad_(False)
+    chunked.load_state_dict(whole.state_dict())
+    from torchao.quantization import quantize_
+
+    quantize_(whole, quantizer.config(whole))  # torchao, the whole layer at once
+    calls = []
+    original = Quantizer.quantize_weight
+    monkeypatch.setattr(Quantizer, "quantize_weight",
+                        lambda self, w, c: calls.append(w.shape[0]) or original(self, w, c))
+    quantizer.quantize_linear(chunked)
+    assert calls == [64] * (rows // 64) + ([rows % 64] if rows % 64 else [])
+    assert_identical(chunked.weight, whole.weight)
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    assert torch.equal(chunked(x), whole(x))
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_chunked_quantization_gives_the_same_logits(monkeypatch, kind):
+    """The demo's MLP (192 rows) and output (96) are cut in 64-row chunks with small_chunks."""
+    import leangen.quantize as quantize
+
+    with torch.no_grad():
+        whole = load_demo(quantize=kind, dtype="bf16")(TOKENS)
+        monkeypatch.setattr(quantize, "CHUNK_BYTES", 1)
+        chunked = load_demo(quantize=kind, dtype="bf16")(TOKENS)
+    assert torch.equal(chunked, whole)
+
+
+def test_no_chunk_handed_to_torchao_is_larger_than_the_chunk_size(tiny_checkpoint, small_chunks,
+                                                                  monkeypatch):
+    """The tied output (128 x 64) included: it is quantized in untie, not in the move."""
+    import torchao.quantization
+
+    sizes = []
+    original = torchao.quantization.quantize_
+    monkeypatch.setattr(torchao.quantization, "quantize_",
+                        lambda module, config: sizes.append(module.weight.shape[0])
+                        or original(module, config))
+    ckpt = tiny_checkpoint("llama3_2")
+    model = leangen.load_model(ckpt.builder, ckpt.path, quantize="int8", **ckpt.builder_kwargs)
+    assert model.leangen_quantized == {"quantized": 15, "skipped": 0}
+    assert max(sizes) == 64 and sizes.count(64) > 15  # 128-row layers went in two chunks
+
+
+def test_a_format_whose_rows_are_not_known_is_quantized_whole(small_chunks, monkeypatch):
+    """A torchao format missing from ROW_DIMS (CUDA's tile-packed int4) is not cut: the
+    first chunk shows the format, then the whole layer goes through torchao at once."""
+    import leangen.quantize as quantize
+
+    monkeypatch.setattr(quantize, "ROW_DIMS", {})
+    torch.manual_seed(0)
+    quantizer = Quantizer(QuantSpec("int4"), torch.device("cpu"), torch.bfloat16)
+    linear = torch.nn.Linear(256, 128, bias=False, dtype=torch.bfloat16).requires_grad_(False)
+    reference = quantizer.quantize_weight(linear.weight, quantizer.config(linear))
+    assert quantizer.quantize_rows(linear.weight, quantizer.config(linear)) is None
+    quantizer.quantize_linear(linear)
+    assert_identical(linear.weight, reference)
