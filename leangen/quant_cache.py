@@ -27,6 +27,7 @@ import os
 import re
 import struct
 import tempfile
+import time
 import warnings
 from contextlib import suppress
 from importlib import metadata
@@ -223,6 +224,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: P
     process writing the same entry) sees the old file or the whole new one, never a part."""
     from safetensors.torch import save_file
 
+    _remove_stale_parts(path)
     fd, part = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     os.close(fd)
     try:
@@ -233,6 +235,21 @@ def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: P
         with suppress(OSError):
             os.unlink(part)
         raise
+
+
+# A part file this old belongs to a writer that was killed (SIGKILL, OOM, power): no
+# write of one entry takes an hour, so a younger one may be another process's, in flight.
+STALE_PART_SECONDS = 3600
+
+
+def _remove_stale_parts(path: Path) -> None:
+    """Delete this entry's temp files left by killed writers: each is as big as the entry
+    (gigabytes for a 7B model), and nothing else would ever remove them."""
+    now = time.time()
+    for part in path.parent.glob(f".{path.name}.*.part"):
+        with suppress(OSError):  # another process may remove it first
+            if now - part.stat().st_mtime > STALE_PART_SECONDS:
+                part.unlink()
 
 
 def _umask() -> int:

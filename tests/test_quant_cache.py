@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import time
 import warnings
 from pathlib import Path
 
@@ -353,3 +354,24 @@ def test_version_of_a_source_tree_run(monkeypatch):
     assert versions["leangen"].startswith("source-")
     assert versions["leangen"] == quant_cache._versions()["leangen"]  # stable: a usable key
     assert versions["torch"] == real("torch")
+
+
+def test_a_killed_writers_part_file_is_removed_and_a_live_ones_kept(tiny_checkpoint, cache_home):
+    """A write cut off by SIGKILL leaves its temp file (as big as the entry) behind; the next
+    write of that entry removes it once it is older than any write takes, not before."""
+    ckpt = tiny_checkpoint("llama3_2", tied=True)
+    load(ckpt, quantize="int8", quantize_cache="auto")
+    (entry,) = entries(cache_home / "leangen")
+    entry.unlink()  # the next load writes this entry again
+    stale = entry.parent / f".{entry.name}.killed.part"
+    live = entry.parent / f".{entry.name}.writing.part"
+    other = entry.parent / ".another-entry.safetensors.killed.part"
+    for part in (stale, live, other):
+        part.write_bytes(b"partial")
+    old = time.time() - quant_cache.STALE_PART_SECONDS - 60
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    assert status(load(ckpt, quantize="int8", quantize_cache="auto")) == "written"
+    assert not stale.exists()
+    assert live.exists()  # may be another process's write in flight
+    assert other.exists()  # another entry's: its own next write cleans it
