@@ -285,17 +285,19 @@ its MLP with an all-reduce, and the logits are gathered at the end, so each deco
 waits for about 2 × layers + 1 gloo exchanges between processes (over TCP loopback, tens of
 microseconds or more each, and a rank that the scheduler delays holds up the others). Each
 rank also pays for its own imports and torchrun's start-up. Tensor parallelism is for a
-model that does not fit one device; on one CPU machine its use is to check that the
-sharded path gives the same tokens, not to go faster."""
+model that does not fit one device; on one CPU machine it only checks the sharded path.
+In bf16 the ranks also add each layer's partial sums in another order than one process,
+so the greedy tokens can leave one process's at a near-tie of the random weights (see
+Checks)."""
 
 
-def threads_sentence(threads: list[int], cores: int) -> str:
+def threads_sentence(threads: list[int], cores: int, n: int) -> str:
     """The one process's threads, as measured: all cores (the default) or fewer (OMP_NUM_THREADS)."""
     t = max(threads)
     if t >= cores:
-        return f"The one process already uses all {cores} cores for its matmuls ({t} threads)."
+        return f"The one process already uses every core for its matmuls ({t} threads on {cores} cores)."
     return (f"The one process ran with {t} thread(s) here (OMP_NUM_THREADS), as each rank did, so "
-            f"the {cores} cores gave the ranks more threads than it had.")
+            f"the {n} ranks together had {n * t} threads against its {t}.")
 
 
 def busy_note(runs: list[dict]) -> str:
@@ -329,14 +331,16 @@ def runs_table(runs: list[dict]) -> str:
 
 
 def measured_line(generate: dict, n: int) -> str:
-    """The figures the paragraph below explains, from this run."""
-    one, ranks = generate.get("generate-one-process"), generate.get("generate-ranks")
-    if not (one and ranks and one["decode_tokens_per_second"] and ranks["decode_tokens_per_second"]):
+    """The figures the paragraph below explains, from this run (medians)."""
+    rate = {name: (g["decode_tokens_per_second"] or {}).get("median") for name, g in generate.items()}
+    one, ranks = rate.get("generate-one-process"), rate.get("generate-ranks")
+    if not (one and ranks):
         return ""
-    a, b = ranks["decode_tokens_per_second"]["median"], one["decode_tokens_per_second"]["median"]
-    return (f"Here {n} ranks decoded {a:.2f} tok/s against {b:.2f} for one process "
-            f"({a / b:.2f}x), and loaded in {ranks['load_seconds']['median']:.2f} s against "
-            f"{one['load_seconds']['median']:.2f} s.")
+    single = rate.get("generate-one-process-1-thread")
+    return (f"Here {n} ranks decoded {ranks:.2f} tok/s against {one:.2f} for one process "
+            f"({ranks / one:.2f}x)" + (f" and {single:.2f} for one process with 1 thread" if single else "")
+            + f"; the recipe's load took {generate['generate-ranks']['load_seconds']['median']:.2f} s "
+            f"against {generate['generate-one-process']['load_seconds']['median']:.2f} s.")
 
 
 def render(doc: dict) -> str:
@@ -382,7 +386,7 @@ def render(doc: dict) -> str:
         "",
         measured_line(summary["generate"], n),
         "",
-        WHY_SLOWER.format(n=n, cores=w["cores"], threads_sentence=threads_sentence(threads, w["cores"])),
+        WHY_SLOWER.format(n=n, cores=w["cores"], threads_sentence=threads_sentence(threads, w["cores"], n)),
     ]
     parts += ["", "## Checks", ""] + [f"- {c}" for c in doc["checks"]]
     if doc.get("notes"):
