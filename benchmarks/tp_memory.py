@@ -302,18 +302,17 @@ def threads_sentence(threads: list[int], cores: int, n: int) -> str:
 
 def busy_note(runs: list[dict]) -> str:
     """How much of the CPUs others took while the summarised runs ran (run.py measures it)."""
-    shares = [r["background_cpu_share"] for r in runs
-              if r["status"] == "ok" and r.get("background_cpu_share") is not None]
-    if not shares:
-        return ""
-    worst, median = max(shares), statistics.median(shares)
-    if worst <= IDLE_SHARE:
-        return (f"The machine was quiet: other processes used at most {worst:.0%} of the CPUs "
-                "during any summarised run.")
-    return (f"**The machine was shared and busy**: other processes used up to {worst:.0%} of the CPUs "
-            f"during the summarised runs (median {median:.0%}), even after waiting for an idle "
-            "machine and repeating disturbed runs, so treat the timings as rough; the memory "
-            "figures do not depend on it.")
+    ok = [r for r in runs if r["status"] == "ok" and r.get("background_cpu_share") is not None]
+    busy = [f"rep {r['rep']} {r['system']} ({r['background_cpu_share']:.0%})" for r in ok
+            if r["background_cpu_share"] > IDLE_SHARE]
+    repeated = len(runs) - len([r for r in runs if r["status"] == "ok"])
+    text = (f"The machine is shared with other jobs: {repeated} attempt(s) were repeated because "
+            f"others used over {IDLE_SHARE:.0%} of the CPUs during them. ")
+    if not busy:
+        return text + f"Others used under {IDLE_SHARE:.0%} during every summarised run."
+    return text + (f"Others used under {IDLE_SHARE:.0%} during {len(ok) - len(busy)} of the {len(ok)} "
+                   f"summarised runs, and more, even after the retries, in {', '.join(busy)}: treat "
+                   "those timings as rough (the memory figures do not depend on it).")
 
 
 def runs_table(runs: list[dict]) -> str:
