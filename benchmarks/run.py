@@ -40,7 +40,7 @@ from benchmarks.measure import IDLE_SHARE, run_process, wait_for_idle  # noqa: E
 from benchmarks.memcap import CapUnavailable, MemoryCap, probe  # noqa: E402
 from benchmarks.presets import PRESETS  # noqa: E402
 from benchmarks.report import DISTURBED, json_path, ratios_to, summarise, write_results  # noqa: E402
-from benchmarks import measure, systems as system_defs  # noqa: E402
+from benchmarks import measure, systems as system_defs, tp_memory  # noqa: E402
 from benchmarks.systems import REPO_ROOT, SYSTEMS, LlamaCpp, System  # noqa: E402
 from benchmarks.workload import Workload, tokenize_prompt  # noqa: E402
 
@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render_only:
         return render_only(args)
+    if args.nproc:
+        return run_nproc(args, argv)
     preset = PRESETS[args.preset]
     notes: list[str] = []
     systems, skipped = available_systems([SYSTEMS[name] for name in args.systems], notes)
@@ -147,12 +149,58 @@ def render_only(args) -> int:
         _progress(f"--render-only: no {json_path(args.out)}{hint}")
         return 1
     document = json.loads(json_path(args.out).read_text())
+    if "nproc" in document:  # --nproc results have their own report
+        tp_memory.write_results(args.out, document)
+        _progress(f"rewrote {args.out} from {json_path(args.out)}")
+        return 0
     document.update(boundaries=BOUNDARIES, see_also=see_also(args))
     if "configs" not in document:  # written before configs were recorded; still on disk
         document["configs"] = generated_configs(args.cache_dir / "runs" / args.preset)
     write_results(args.out, document)
     _progress(f"rewrote {args.out} from {json_path(args.out)}")
     return 0
+
+
+def run_nproc(args, argv: list[str] | None) -> int:
+    """--nproc N: tp_memory.py's per-rank loads and generate runs, interleaved like the systems."""
+    preset, notes = PRESETS[args.preset], []
+    _progress(f"checkpoint for '{preset.name}' in {args.cache_dir}")
+    checkpoint = ensure_checkpoint(preset, args.cache_dir)
+    # Its own folder: the single-process runner's runs/<preset> is left alone.
+    work_dir = args.cache_dir / "runs" / f"{preset.name}_nproc{args.nproc}"
+    shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir.mkdir(parents=True)
+    workload = Workload(preset, checkpoint, work_dir, args.new_tokens, cache_dir=args.cache_dir,
+                        threads=torch_threads())
+    tokenize_prompt(workload)
+    systems = prepare_systems([tp_memory.MEASUREMENTS[name](args.nproc) for name in args.systems],
+                              workload, {}, notes)
+    runs = [run for rep in range(1, args.reps + 1) for system in systems
+            for run in run_with_retries(system, workload, rep, None, args)]
+    document = {
+        "meta": machine_meta(args), "nproc": args.nproc,
+        "workload": {"preset": preset.name, "checkpoint_dir": str(checkpoint),
+                     "model_bytes": checkpoint_bytes(preset), "prompt_token_count": len(workload.prompt_tokens),
+                     "new_tokens": args.new_tokens, "threads": workload.threads, "cores": os.cpu_count()},
+        "runs": runs, "checks": consistency_checks(runs, workload) + same_tokens(runs),
+        "notes": notes, "commands": commands(argv, runs),
+    }
+    tp_memory.write_results(args.out, document)
+    _progress(f"wrote {args.out} and {json_path(args.out)}")
+    return 0 if all(r["status"] == "ok" or r["status"].startswith(DISTURBED) for r in runs) else 1
+
+
+def same_tokens(runs: list[dict], reference: str = "generate-one-process") -> list[str]:
+    """Each generate measurement's greedy tokens against one process's. The ranks add bf16
+    partial sums in another order, which can flip a near-tie of the random weights."""
+    tokens = {r["system"]: r["tokens"] for r in runs if r["status"] == "ok" and r.get("tokens")}
+    ref = tokens.pop(reference, None)
+    checks = []
+    for name, seq in tokens.items() if ref else ():
+        agree = next((i for i, (x, y) in enumerate(zip(ref, seq)) if x != y), min(len(ref), len(seq)))
+        checks.append(f"Greedy tokens, {name} vs {reference}: the first {agree} of "
+                      f"{min(len(ref), len(seq))} agree.")
+    return checks
 
 
 def available_systems(systems: list[System], notes: list[str]) -> tuple[list[System], dict[str, str]]:
@@ -227,9 +275,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS), required=True)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--systems", default=",".join(SYSTEMS),
+    p.add_argument("--systems", default=None,
                    type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
-                   help=f"comma-separated, from: {', '.join(SYSTEMS)}")
+                   help=f"comma-separated, from: {', '.join(SYSTEMS)} (default: all); with --nproc, "
+                        f"from: {', '.join(tp_memory.MEASUREMENTS)} (default: all)")
     p.add_argument("--new-tokens", type=int, default=64)
     where = p.add_mutually_exclusive_group()
     where.add_argument("--results-dir", type=Path, default=None, metavar="DIR",
@@ -254,16 +303,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--memory-cap-gb", type=float, default=None,
                    help="run every system under this hard cap (default: only for presets "
                         "expected to exceed RAM, at total RAM minus 4 GiB)")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="tensor parallelism instead of the systems: per-rank peak anon memory and "
+                        "load time of N gloo ranks (leangen's sharded load against a full state dict "
+                        "per rank), and the generate recipe on 1 process against N ranks; writes "
+                        "RESULTS_<preset>_nprocN.md")
     args = p.parse_args(argv)
-    unknown = [s for s in args.systems if s not in SYSTEMS]
+    if args.nproc is not None:
+        _check_nproc(p, args)
+    choices = tp_memory.MEASUREMENTS if args.nproc else SYSTEMS
+    args.systems = list(choices) if args.systems is None else args.systems
+    unknown = [s for s in args.systems if s not in choices]
     if unknown or not args.systems:
-        p.error(f"--systems: unknown {unknown}; choose from {', '.join(SYSTEMS)}")
+        p.error(f"--systems: unknown {unknown}{' with --nproc' if args.nproc else ''}; "
+                f"choose from {', '.join(choices)}")
     if args.reps < 1 or args.new_tokens < 2:
         p.error("--reps must be >= 1 and --new-tokens >= 2 (decode rate needs two tokens)")
     args.out, args.cache_dir = results_path(args).resolve(), args.cache_dir.resolve()
     if args.out.parent == BENCH_DIR and not args.update_tracked:
         p.error(f"{args.out} is beside the tracked results; pass --update-tracked to write there")
     return args
+
+
+def _check_nproc(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.nproc < 2:
+        p.error("--nproc must be >= 2 (1 process is always measured as the reference)")
+    if args.memory_cap_gb is not None:
+        p.error("--nproc cannot be combined with --memory-cap-gb: it measures each rank uncapped")
 
 
 def results_path(args: argparse.Namespace) -> Path:
@@ -273,8 +339,10 @@ def results_path(args: argparse.Namespace) -> Path:
     folder = BENCH_DIR if args.update_tracked else args.results_dir or DEFAULT_RESULTS_DIR
     # A run under an explicit cap is its own scenario, beside the preset's usual results.
     cap = f"_cap{args.memory_cap_gb:g}gb" if args.memory_cap_gb else ""
-    headline = args.preset == HEADLINE_PRESET and not cap
-    return folder / ("RESULTS.md" if headline else f"RESULTS_{args.preset}{cap}.md")
+    # So is a tensor-parallel run (--nproc).
+    scenario = cap + (f"_nproc{args.nproc}" if args.nproc else "")
+    headline = args.preset == HEADLINE_PRESET and not scenario
+    return folder / ("RESULTS.md" if headline else f"RESULTS_{args.preset}{scenario}.md")
 
 
 def plan_cap(preset, args, notes: list[str]) -> int | None:

@@ -173,3 +173,60 @@ def test_cuda_results_render_from_their_json():
     for name in report["checks"]["systems"]["runs"]:
         assert f"| {name} |" in text
     assert "**failed**" not in text or any(not c["ok"] for c in report["checks"].values())
+
+
+def test_nproc_reports_each_rank_of_both_loaders(tmp_path, cache_dir):
+    """run.py --nproc 2 (issue 11): per-rank rows for leangen's sharded load and the
+    full-state-dict baseline, and 2 gloo ranks' generate run, in the markdown and the JSON.
+
+    Trimmed to the three torchrun launches (each ~10 s here) and no repeats, so that a
+    busy machine does not triple it; the one-process runs are the ordinary leangen path."""
+    results_dir = tmp_path / "results"
+    before = tracked_results()
+    proc = subprocess.run(
+        [*RUNNER, *SMOKE_ARGS, "--nproc", "2", "--retries", "0", "--results-dir", str(results_dir),
+         "--cache-dir", str(cache_dir), "--systems", "load-leangen-tp,load-full-state-dict,generate-ranks"],
+        cwd=REPO, env=SMOKE_ENV, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert tracked_results() == before
+    assert sorted(p.name for p in results_dir.iterdir()) == ["RESULTS_small_nproc2.md", "results_small_nproc2.json"]
+    markdown = (results_dir / "RESULTS_small_nproc2.md").read_text()
+    # (loader, rank) of every row of the per-rank table
+    rows = {(line.split("|")[1].split(" (")[0].strip(), line.split("|")[2].strip())
+            for line in markdown.splitlines() if line.startswith(("| leangen TP", "| full state dict"))}
+    assert rows == {(loader, rank) for loader in ("leangen TP", "full state dict per rank") for rank in "01"}
+    assert "| 2 gloo ranks (torchrun) | 2 × 1 |" in markdown
+    assert "## Why 2 gloo ranks are slower here" in markdown
+
+    results = json.loads((results_dir / "results_small_nproc2.json").read_text())
+    assert results["nproc"] == 2
+    loads = {r["system"]: r for r in results["runs"] if r["system"].startswith("load-")}
+    for name in ("load-leangen-tp", "load-full-state-dict"):
+        assert loads[name]["status"] == "ok", loads[name]["status"]
+        assert [r["rank"] for r in loads[name]["ranks"]] == [0, 1]
+        for rank in loads[name]["ranks"]:
+            assert rank["load_seconds"] > 0 and rank["param_bytes"] > 0 and rank["vm_hwm"] > 0
+    # Each rank holds its shard, not the whole model: under the one process's bytes.
+    model = results["workload"]["model_bytes"]
+    assert all(r["param_bytes"] < model for r in loads["load-leangen-tp"]["ranks"])
+    ranks = next(r for r in results["runs"] if r["system"] == "generate-ranks")
+    assert ranks["status"] == "ok" and ranks["reported"]["tensor_parallel"]["ranks"] == 2
+    assert ranks["generated_tokens"] == 8 and ranks["decode_tokens_per_second"] > 0
+
+    # --render-only rewrites the --nproc report from its JSON, in the same folder.
+    (results_dir / "RESULTS_small_nproc2.md").unlink()
+    rendered = subprocess.run([*RUNNER, "--preset", "small", "--nproc", "2", "--results-dir", str(results_dir),
+                               "--render-only"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert rendered.returncode == 0, rendered.stderr[-2000:]
+    assert (results_dir / "RESULTS_small_nproc2.md").read_text() == markdown
+
+
+def test_nproc_refuses_what_it_cannot_measure():
+    """--nproc takes its own measurements: a cap, one rank or a llama.cpp system is refused in one line."""
+    for extra, message in ((["--nproc", "2", "--memory-cap-gb", "3"], "--memory-cap-gb"),
+                           (["--nproc", "1"], ">= 2"),
+                           (["--nproc", "2", "--systems", "llama.cpp-Q4_0"], "unknown ['llama.cpp-Q4_0'] with --nproc")):
+        proc = subprocess.run([*RUNNER, "--preset", "small", *extra], cwd=REPO, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], (extra, proc.stderr)
