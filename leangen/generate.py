@@ -93,7 +93,7 @@ class GenerateRecipe:
         self.model = model_from_config(cfg, self.device, positions=longest, parallel=parallel)
         self.metrics["load_seconds"] = time.perf_counter() - start
         check_fits(self.model, [p.tokens for p in self.prompts], cfg.max_new_tokens)
-        self.decode_forward = compile_decode(self.model, cfg.prepack) if cfg.compile else None
+        self.decode_forward = compile_decode(self.model) if cfg.compile else None
         self.sampler = functools.partial(sample, temperature=cfg.temperature, top_k=cfg.top_k,
                                          top_p=cfg.top_p)
         if parallel is not None:
@@ -209,6 +209,12 @@ def _reject_bad_options(cfg: DictConfig, ranks: distributed.Ranks = distributed.
         if unsupported:
             raise ConfigError(f"{unsupported[0]} with tensor parallelism ({ranks.world_size} ranks) is not "
                               "supported yet: run it on one process, or drop it.")
+    if cfg.get("prepack") and cfg.compile:
+        # inductor cannot lower PrepackedLinear, and its own freezing did not pack the
+        # Linears of a decode step (its code keeps plain mm): compiling would drop the gain
+        raise ConfigError("prepack and compile do not combine: torch.compile cannot compile the "
+                          "packed Linears, and compiling unpacked loses prepack's speed. "
+                          "Use prepack: true alone for CPU decode speed, or compile: true alone.")
     if cfg.model is None or cfg.tokenizer is None:
         raise ConfigError("the config needs a 'model' and a 'tokenizer' block.")
     return output_path("output_file", cfg.output_file), output_path("metrics_file", cfg.metrics_file)

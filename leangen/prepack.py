@@ -3,10 +3,9 @@
 Why it is a setting and not the default: a decode step multiplies one row by every
 weight, and torch's plain CPU ``linear`` reads a row-major bf16 weight at about a third
 of the machine's memory bandwidth (measured, one 8192x2048 layer, one token: 2.6 ms
-plain, 1.0 ms prepacked, bit-identical results). The blocked copy is what inductor's
-``freezing`` makes too, but it is a copy: the weights then live in anonymous memory
-(about the model's size) instead of being the checkpoint's mmap, which is leangen's
-low-memory default.
+plain, 1.0 ms prepacked, bit-identical results). It is a copy: the weights then live
+in anonymous memory (about the model's size) instead of being the checkpoint's mmap,
+which is leangen's low-memory default.
 
 Like quantization, packing is a per-module hook of the move stage, so at most one
 Linear is in flight; the packed weight stays the module's ``weight`` Parameter (an
