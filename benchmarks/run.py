@@ -56,7 +56,8 @@ _CAP_HEADROOM = 4 << 30
 # Peak RSS over checkpoint bytes, used only to skip systems when no cap can be
 # made: torchtune holds the state dict and a fully allocated model at once.
 _EXPECTED_RSS_FACTOR = {"leangen": 1.1, "transformers": 1.1, "torchtune": 2.1,
-                        "leangen-int8": 0.6, "leangen-int4": 0.4, "transformers-int8": 1.1,
+                        "leangen-int8": 0.6, "leangen-int4": 0.4,
+                        "leangen-int8-cached": 0.6, "leangen-int4-cached": 0.4, "transformers-int8": 1.1,
                         "transformers-int4": 1.1, "llama.cpp-bf16": 1.1, "llama.cpp-Q8_0": 0.6,
                         "llama.cpp-Q4_0": 0.4}
 

@@ -279,7 +279,7 @@ class LlamaCpp(System):
 
 SYSTEMS = {s.name: s for s in (
     Leangen(), LeangenPrepacked(), LeangenQuantized("int8"), LeangenQuantized("int4"),
-    LeangenCached("int4"), Torchtune(), Transformers(),
+    LeangenCached("int4"), LeangenCached("int8"), Torchtune(), Transformers(),
     TransformersQuantized("int8"), TransformersQuantized("int4"),
     LlamaCpp("bf16"), LlamaCpp("Q8_0"), LlamaCpp("Q4_0"),
 )}

@@ -45,9 +45,21 @@ def _applies(torchao_check):
     return check
 
 
+# torch's CPU _weight_int8pack_mm reads the weight with 64-byte-aligned loads when it
+# multiplies several rows: a weight at 8 bytes past a 64-byte boundary (where safetensors
+# puts the quantized cache's tensors) crashed the process with SIGSEGV in a prefill, while
+# one-row decode steps ran (torch 2.13, measured on Mistral-7B's cached int8 q_proj).
+KERNEL_ALIGNMENT = 64
+
+
 def _int8pack_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
     impl = weight.tensor_impl
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    y = torch.ops.aten._weight_int8pack_mm(rows, impl.int_data, impl.scale.to(x.dtype))
+    data = impl.int_data
+    if rows.shape[0] > 1 and data.data_ptr() % KERNEL_ALIGNMENT:
+        # one layer's int8 copy (torch's allocator aligns to 64), for this call only: decode
+        # steps (one row) keep reading the mmap
+        data = data.clone(memory_format=torch.contiguous_format)
+    y = torch.ops.aten._weight_int8pack_mm(rows, data, impl.scale.to(x.dtype))
     y = y.reshape(*x.shape[:-1], y.shape[-1])
     return y + bias.to(y.dtype) if bias is not None else y

@@ -181,6 +181,24 @@ def test_int8_linear_runs_the_aten_int8_kernel_on_cpu():
     torch.testing.assert_close(linear(x).float(), reference, atol=0.05, rtol=0.02)
 
 
+
+def test_int8_kernel_takes_a_weight_that_is_not_64_byte_aligned():
+    """The quantized cache's tensors sit 8 bytes past a 64-byte boundary (safetensors'
+    layout), and torch's _weight_int8pack_mm crashed the process (SIGSEGV) on such a
+    weight with several input rows (a prefill). A regression here kills the test run."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 256, bias=False, dtype=torch.bfloat16).requires_grad_(False)
+    Quantizer(QuantSpec("int8"), torch.device("cpu"), torch.bfloat16)(name="layer", module=linear)
+    x = torch.randn(8, 256, dtype=torch.bfloat16)
+    aligned = linear(x)
+    impl = linear.weight.tensor_impl
+    buffer = torch.empty(impl.int_data.numel() + 64, dtype=torch.int8)
+    start = (8 - buffer.data_ptr()) % 64
+    impl.int_data = buffer[start:start + impl.int_data.numel()].view(impl.int_data.shape).copy_(impl.int_data)
+    assert impl.int_data.data_ptr() % 64 == 8
+    assert torch.equal(linear(x), aligned)
+    assert torch.equal(linear(x[:1]), aligned[:1])  # one row: read in place
+
 # -- large Linears are quantized in row chunks (issue #10: the bound on peak memory) -----
 
 def quantized_parts(t: torch.Tensor) -> list:
