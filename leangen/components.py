@@ -46,8 +46,8 @@ class ModelKeys:
     threads: Optional[int] = config_key(None, "CPU threads (null: torch's choice, which follows OMP_NUM_THREADS)")
     quantize: Optional[str] = config_key(None, "null | int8 | int4: weight-only (torchao), "
                                                "quantized layer by layer while loading")
-    quantize_group_size: int = config_key(128, "int4: inputs sharing a scale (256 | 128 | 64 | 32; "
-                                               "a layer it does not divide falls back to 64, 32)")
+    quantize_group_size: int = config_key(128, "int4: inputs sharing a scale (128 | 64 | 32; 256 on CUDA "
+                                               "only; a layer it does not divide falls back to 64, 32)")
     prepack: bool = config_key(False, "CPU: copy full-precision Linear weights into oneDNN's layout: "
                                       "faster decode, but the weights then take RAM instead of the mmap")
     quantize_cache: Optional[str] = config_key("auto", "with quantize: auto ($XDG_CACHE_HOME/leangen, else "

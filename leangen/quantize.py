@@ -92,6 +92,10 @@ class Quantizer:
         if spec.kind == "int4" and self.device.type == "cuda" and dtype != torch.bfloat16:
             raise ConfigError(f"quantize: int4 on CUDA needs dtype bf16 (torchao's tinygemm "
                               f"kernel), not {dtype}. Set dtype: bf16, or use int8.")
+        if spec.kind == "int4" and self.device.type == "cpu" and spec.group_size not in FALLBACK_GROUPS:
+            # torchao's CPU packing asserts on any other group (a traceback, not a message)
+            raise ConfigError(f"quantize: int4 on CPU takes groups of {', '.join(map(str, FALLBACK_GROUPS))} "
+                              f"(torchao's CPU kernel), not {spec.group_size}. Set quantize_group_size.")
         if spec.kind == "int4" and self.device.type not in ("cpu", "cuda"):
             raise ConfigError(f"quantize: int4 runs on cpu or cuda, not {self.device.type}. "
                               "Use int8 there.")

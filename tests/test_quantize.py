@@ -294,3 +294,10 @@ def test_a_format_whose_rows_are_not_known_is_quantized_whole(small_chunks, monk
     assert quantizer.quantize_rows(linear.weight, quantizer.config(linear)) is None
     quantizer.quantize_linear(linear)
     assert_identical(linear.weight, reference)
+
+
+def test_int4_group_256_on_cpu_is_one_line():
+    """QuantSpec takes 256 (CUDA's tile-packed int4 does), but torchao's CPU packing
+    asserts on it: the load must say so instead of failing inside torchao."""
+    with pytest.raises(ConfigError, match="int4 on CPU takes groups of 128, 64, 32.*not 256"):
+        Quantizer(QuantSpec("int4", 256), torch.device("cpu"), torch.bfloat16)
