@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Partial, Shard
 
+from leangen.quantize import linear_holding
+
 # The placement of a Linear's output, by the placement of its weight: output rows give
 # output features (the last dim); input columns give partial sums, which the parallel
 # style's output hook reduces. A weight placed otherwise stays in full precision.
@@ -83,9 +85,7 @@ class ShardQuantizer:
         weight = linear.weight
         output = OUTPUT_PLACEMENT.get(weight.placements[0]) if len(weight.placements) == 1 else None
         local = weight.to_local()
-        with torch.device("meta"):
-            plain = torch.nn.Linear(local.shape[1], local.shape[0], bias=False)
-        plain.weight = torch.nn.Parameter(local, requires_grad=False)
+        plain = linear_holding(local)
         if output is None or self.quantizer.config(plain) is None:
             self.quantizer.counts["skipped"] += 1  # stays a full-precision DTensor
             return

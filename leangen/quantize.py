@@ -171,9 +171,7 @@ class Quantizer:
     def quantize_weight(self, weight: torch.Tensor, config) -> torch.Tensor:
         """torchao's quantized tensor for ``weight``, through ``quantize_`` on a Linear
         holding it: the same path, hence the same result, as quantizing a model's Linear."""
-        with torch.device("meta"):
-            linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-        linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+        linear = linear_holding(weight)
         self._quantize_(linear, config)
         weight = linear.weight.data
         # int8's handler gives the Linear a bound-method extra_repr, a reference cycle that
@@ -200,12 +198,19 @@ class Quantizer:
         """A Linear sharing the embedding's weight, then quantized: its own quantized copy,
         and the embedding's tensor untouched. Unquantized (skipped), it stays shared."""
         weight = tied.tied_module.weight
-        with torch.device("meta"):
-            linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-        linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+        linear = linear_holding(weight)
         self.quantize_linear(linear)
         return linear.requires_grad_(False)
 
+
+
+def linear_holding(weight: torch.Tensor) -> torch.nn.Linear:
+    """A bias-free Linear whose weight is ``weight`` itself (built on meta: nothing is
+    allocated), the form torchao's ``quantize_`` takes."""
+    with torch.device("meta"):
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return linear
 
 # The most bytes of full-precision weight handed to torchao at once. torchao quantizes
 # through temporaries several times the weight's size (fp32 copies; int4's codes are int32
