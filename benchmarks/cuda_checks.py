@@ -35,9 +35,10 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from benchmarks.checkpoints import ensure_checkpoint, shard_files  # noqa: E402
+from benchmarks.checkpoints import ensure_checkpoint  # noqa: E402
 from benchmarks.measure import run_process  # noqa: E402
 from benchmarks.presets import PRESETS  # noqa: E402
+from benchmarks.run import prepare_systems  # noqa: E402
 from benchmarks.systems import REPO_ROOT, SYSTEMS, Leangen  # noqa: E402
 from benchmarks.workload import Workload, tokenize_prompt  # noqa: E402
 
@@ -136,14 +137,12 @@ def check_systems(preset, checkpoint: Path, args) -> dict:
                  device=args.device, threads=torch.get_num_threads())
     tokenize_prompt(w)
     systems = [LeangenCompiled() if n == "leangen-compile" else SYSTEMS[n] for n in args.systems]
-    runs: dict[str, list[dict]] = {}
-    for system in list(systems):
-        try:
-            system.prepare(w)
-            runs[system.name] = []
-        except Exception as e:  # noqa: BLE001 - the others still run; the error is reported
-            systems.remove(system)
-            runs[system.name] = [{"returncode": None, "error": f"prepare: {e}"}]
+    skipped: dict[str, str] = {}
+    ready = prepare_systems(systems, w, skipped, [])  # a system that fails here is reported
+    runs: dict[str, list[dict]] = {
+        s.name: [{"returncode": None, "error": f"prepare: {skipped[s.name]}"}] if s.name in skipped else []
+        for s in systems}
+    systems = ready
     for rep in range(args.reps):
         for system in systems:
             runs[system.name].append(_one_run(system, w, rep))
