@@ -79,8 +79,8 @@ def main() -> int:
 
 def check_stager(checkpoint: Path, device: str) -> dict:
     """The largest stored tensor, from the mmap to the device: Stager against ``.to``."""
-    from leangen.move import Stager
-    from leangen.view import open_checkpoint
+    from leangen.checkpoint.view import open_checkpoint
+    from leangen.load.move import Stager
 
     view = open_checkpoint(checkpoint)
     name = max(view.names(), key=lambda n: view.shape(n).numel())

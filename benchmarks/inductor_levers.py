@@ -33,7 +33,7 @@ def one_variant(name: str, checkpoint: str, threads: int) -> dict:
     import torch
 
     import leangen
-    from leangen.generation import generate_steps
+    from leangen.decode.generation import generate_steps
 
     torch.set_num_threads(threads)
     model = leangen.load_model("auto", checkpoint, device="cpu", dtype="bf16", rope_positions=4096,

@@ -6,7 +6,7 @@
 Prints one JSON object. It runs ``leangen.load_model`` itself and records each stage
 through its ``on_stage`` callback, so that where a load's time and memory go is
 measured, not guessed, and cannot drift from the real load: the RoPE cache and any
-q/k permutation copies (none for HF rotate-half files: see ``leangen.rope``) show up
+q/k permutation copies (none for HF rotate-half files: see ``leangen.load.rope``) show up
 as their own rows.
 Run it in a fresh process (run.py does) so that imports and anonymous memory start
 from nothing.
@@ -66,7 +66,7 @@ def posthoc_quantize(builder: str, checkpoint: str, dtype: str, builder_kwargs: 
     import torch
 
     import leangen
-    from leangen.quantize import Quantizer
+    from leangen.quant.quantize import Quantizer
 
     start = time.perf_counter()
     model = leangen.load_model(builder, checkpoint, device="cpu", dtype=dtype, **builder_kwargs)

@@ -10,7 +10,7 @@ quantized, by module name) running when the peak was seen, the load time (wall a
 process CPU: on a busy machine OpenMP threads spin-waiting for a preempted peer burn
 CPU at every parallel region, so OMP_WAIT_POLICY=PASSIVE tells that cost apart), and the
 bound: quantized model bytes + the largest Linear in bf16 + 64 MiB. ``--chunk-mib`` sets
-``leangen.quantize.CHUNK_BYTES`` (how much full-precision weight torchao gets at once).
+``leangen.quant.quantize.CHUNK_BYTES`` (how much full-precision weight torchao gets at once).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class PeakAnon:
 
 def _label_steps(meter: PeakAnon) -> None:
     """Name each module the move stage finishes, so the peak can be pinned to one."""
-    from leangen.quantize import Quantizer
+    from leangen.quant.quantize import Quantizer
 
     original = Quantizer.__call__
 
@@ -84,11 +84,11 @@ def child(folder: str, kind: str, chunk_mib: int | None) -> dict:
     import torch
 
     import leangen
-    import leangen.quantize
-    from leangen.quantize import tensor_bytes
+    import leangen.quant.quantize
+    from leangen.quant.quantize import tensor_bytes
 
     if chunk_mib is not None:
-        leangen.quantize.CHUNK_BYTES = chunk_mib << 20
+        leangen.quant.quantize.CHUNK_BYTES = chunk_mib << 20
 
     import torchao.quantization  # noqa: F401  imports before the baseline
     base = _rss_anon()

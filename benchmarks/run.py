@@ -34,13 +34,14 @@ if __package__ in (None, ""):
     # directory's module names shadow installed ones.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+from benchmarks import measure, tp_memory  # noqa: E402
+from benchmarks import systems as system_defs
 from benchmarks.checkpoints import checkpoint_bytes, ensure_checkpoint, shard_files  # noqa: E402
 from benchmarks.limits import measure_limits  # noqa: E402
 from benchmarks.measure import IDLE_SHARE, run_process, wait_for_idle  # noqa: E402
 from benchmarks.memcap import CapUnavailable, MemoryCap, probe  # noqa: E402
 from benchmarks.presets import PRESETS  # noqa: E402
 from benchmarks.report import DISTURBED, json_path, ratios_to, summarise, write_results  # noqa: E402
-from benchmarks import measure, systems as system_defs, tp_memory  # noqa: E402
 from benchmarks.systems import REPO_ROOT, SYSTEMS, LlamaCpp, System  # noqa: E402
 from benchmarks.workload import Workload, tokenize_prompt  # noqa: E402
 

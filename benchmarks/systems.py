@@ -313,7 +313,7 @@ def _progress(message: str) -> None:
 
 def _silent_leading_tokens(w: Workload, tokens: list[int]) -> int | None:
     """How many generated tokens leangen streamed before any text showed, or None if none did."""
-    from leangen.text import IncrementalDecoder
+    from leangen.decode.text import IncrementalDecoder
 
     decoder = IncrementalDecoder(w.tokenizer, w.prompt_tokens)
     stops = set(w.tokenizer.stop_tokens)

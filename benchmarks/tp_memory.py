@@ -82,9 +82,9 @@ def _load_full(checkpoint: str, parallel, model_type: str):
     from torchtune import training
     from torchtune.training import FullModelHFCheckpointer
 
-    from leangen.convert import Geometry
-    from leangen.hf_config import builder_for, parse_config
-    from leangen.load import build_on_meta
+    from leangen.checkpoint.convert import Geometry
+    from leangen.hf.config import builder_for, parse_config
+    from leangen.load.pipeline import build_on_meta
 
     files = sorted(p.name for p in Path(checkpoint).glob("model-*.safetensors"))
     with tempfile.TemporaryDirectory() as out:
@@ -108,7 +108,7 @@ def worker(mode: str, checkpoint: str, model_type: str, out: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from leangen.parallel import TensorParallel
+    from leangen.parallel.tensor_parallel import TensorParallel
 
     parallel = None
     if mode != "one":

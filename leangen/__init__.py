@@ -7,11 +7,10 @@ import logging
 # for leangen's own summary.
 logging.getLogger("torchao").setLevel(logging.ERROR)
 
+from leangen.checkpoint.view import Checkpoint, load_tensors, open_checkpoint
+from leangen.decode.generation import Generated, generate_text
 from leangen.errors import CheckpointError, ConfigError, ConversionError, LeangenError
-from leangen.load import load_model
-from leangen.generation import Generated, generate_text
-from leangen.view import Checkpoint, load_tensors, open_checkpoint
-
+from leangen.load.pipeline import load_model
 
 __all__ = [
     "Checkpoint", "CheckpointError", "ConfigError", "ConversionError", "Generated", "LeangenError",

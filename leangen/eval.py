@@ -5,9 +5,9 @@ YAML path or a packaged config name (``eval_demo``, ``eval_mistral7b``, ...).
 
 Two kinds of evaluation, either or both in one run:
 
-- ``perplexity``: sliding-window perplexity of local text files (leangen.perplexity);
+- ``perplexity``: sliding-window perplexity of local text files (leangen.evaluation.perplexity);
 - ``lm_eval``: lm-evaluation-harness tasks, built-in or local through ``include_path``,
-  scored by ``leangen.lm_eval_adapter.LeangenLM`` (needs lm-eval: see ``leangen.lm_eval_tasks.INSTALL_HINT``).
+  scored by ``leangen.evaluation.lm_eval_adapter.LeangenLM`` (needs lm-eval: see ``leangen.evaluation.lm_eval_tasks.INSTALL_HINT``).
 
 Data-parallel under torchrun (``torchrun --nproc_per_node N -m leangen.eval --config X``,
 or ``tune run --nproc_per_node N leangen/eval --config X``): each rank loads the whole
@@ -39,17 +39,22 @@ from typing import Any, ClassVar, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from leangen.components import (ModelKeys, model_from_config, quant_spec, set_threads,
-                                tokenizer_from_config)
-from leangen.config import config_key, output_path, parse_args, run_recipe
-from leangen.distributed import all_gather_object, rank_device, ranks_from_env, start
+from leangen.decode.generation import context_limit
+from leangen.decode.text import resolve_add_bos, tokenize
 from leangen.errors import ConfigError
-from leangen.generation import context_limit
-from leangen.lm_eval_tasks import load_tasks
-from leangen.load import resolve_device
-from leangen.metrics import peak_host_rss_bytes, quant_cache_metrics, summary
-from leangen.perplexity import Score, Throughput, perplexity
-from leangen.text import resolve_add_bos, tokenize
+from leangen.evaluation.lm_eval_tasks import load_tasks
+from leangen.evaluation.perplexity import Score, Throughput, perplexity
+from leangen.load.pipeline import resolve_device
+from leangen.parallel.ranks import all_gather_object, rank_device, ranks_from_env, start
+from leangen.recipe.cli import config_key, output_path, parse_args, run_recipe
+from leangen.recipe.components import (
+    ModelKeys,
+    model_from_config,
+    quant_spec,
+    set_threads,
+    tokenizer_from_config,
+)
+from leangen.recipe.metrics import peak_host_rss_bytes, quant_cache_metrics, summary
 
 
 @dataclass
@@ -149,7 +154,7 @@ class EvalRecipe:
         # simple_evaluate passes (fewshot_as_multiturn is True there, False in evaluate).
         from lm_eval.evaluator import evaluate
 
-        from leangen.lm_eval_adapter import LeangenLM
+        from leangen.evaluation.lm_eval_adapter import LeangenLM
 
         block = cfg.lm_eval
         lm = LeangenLM(self.model, self.tokenizer, max_length=cfg.max_seq_len,

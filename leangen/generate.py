@@ -5,7 +5,7 @@ X is a YAML path or a packaged config name (``demo``, ``mistral7b``, ...).
 
 Under torchrun (``tune run --nproc_per_node N leangen/generate ...`` or ``torchrun
 --nproc_per_node N -m leangen.generate ...``) the model is tensor-parallel over the N
-ranks (``leangen.parallel``): each rank loads only its shard, all ranks decode the same
+ranks (``leangen.parallel.tensor_parallel``): each rank loads only its shard, all ranks decode the same
 tokens, and only rank 0 prints and writes files.
 """
 
@@ -23,18 +23,29 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from leangen import distributed
-from leangen.components import (ModelKeys, compile_decode, model_from_config, quant_spec, set_threads,
-                                tokenizer_from_config)
-from leangen.config import config_key, output_path, parse_args, run_recipe
+from leangen.decode.generation import Completions, check_fits, complete
+from leangen.decode.sampling import check_sampling, sample
+from leangen.decode.text import IncrementalDecoder, Prompt, prompts_from_config
 from leangen.errors import ConfigError, Interrupted
-from leangen.generation import Completions, check_fits, complete
-from leangen.load import resolve_device
-from leangen.metrics import (model_bytes, peak_device_bytes, peak_host_rss_bytes, quant_cache_metrics,
-                             summary)
-from leangen.outputs import ResultFile, write_result
-from leangen.sampling import check_sampling, sample
-from leangen.text import IncrementalDecoder, Prompt, prompts_from_config
+from leangen.load.pipeline import resolve_device
+from leangen.parallel import ranks as distributed
+from leangen.recipe.cli import config_key, output_path, parse_args, run_recipe
+from leangen.recipe.components import (
+    ModelKeys,
+    compile_decode,
+    model_from_config,
+    quant_spec,
+    set_threads,
+    tokenizer_from_config,
+)
+from leangen.recipe.metrics import (
+    model_bytes,
+    peak_device_bytes,
+    peak_host_rss_bytes,
+    quant_cache_metrics,
+    summary,
+)
+from leangen.recipe.outputs import ResultFile, write_result
 
 
 @dataclass
@@ -85,7 +96,7 @@ class GenerateRecipe:
         self.prompts = prompts_from_config(cfg, self.tokenizer)  # bad prompts fail before the load
         parallel = None
         if self.ranks.distributed:
-            from leangen.parallel import TensorParallel
+            from leangen.parallel.tensor_parallel import TensorParallel
 
             parallel = TensorParallel.start(self.device, cfg.tensor_parallel_plan)
         start = time.perf_counter()

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tiny_models import TinyCheckpoint, make_hf_checkpoint
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine

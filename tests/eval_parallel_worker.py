@@ -9,9 +9,9 @@ import os
 import sys
 import time
 
-from leangen import perplexity
 from leangen.errors import LeangenError
 from leangen.eval import main
+from leangen.evaluation import perplexity
 
 
 def fail(model, rows):

@@ -8,15 +8,15 @@ import json
 
 import pytest
 import torch
+from test_hf_config import VARIANTS
+from test_hf_tokenizer import _texts, make_llama_folder, make_qwen_folder
+from tiny_models import make_hf_model
 
-from leangen.config import packaged_config_names, parse_args, resolve_config_path
 from leangen.eval import EvalConfig
 from leangen.eval import main as eval_main
 from leangen.generate import GenerateConfig
 from leangen.generate import main as generate_main
-from test_hf_config import VARIANTS
-from test_hf_tokenizer import _texts, make_llama_folder, make_qwen_folder
-from tiny_models import make_hf_model
+from leangen.recipe.cli import packaged_config_names, parse_args, resolve_config_path
 
 VOCAB = 512  # room for the ~500-token BPE the tokenizer folders train
 MESSAGES = [{"role": "system", "content": "kalo mine"}, {"role": "user", "content": "ruti sa vo ze"}]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from omegaconf import OmegaConf
+from tiny_models import FAMILIES
 
 import leangen
 from leangen import ConfigError, LeangenError
-from leangen.buffers import check_no_meta, materialise_buffers
-from tiny_models import FAMILIES
+from leangen.load.buffers import check_no_meta, materialise_buffers
 
 
 def _eager(builder: str, kwargs: dict) -> torch.nn.Module:
@@ -43,7 +43,7 @@ def test_meta_free_and_rope_identical_to_eager(tiny_checkpoint, family):
 
 def test_scaled_rope_registers_nothing_on_meta_yet_is_rebuilt():
     builder, kwargs = FAMILIES["llama3_2"].builder, FAMILIES["llama3_2"].builder_kwargs
-    from leangen.load import build_on_meta
+    from leangen.load.pipeline import build_on_meta
 
     model = build_on_meta(builder, **kwargs)
     assert dict(model.named_buffers()) == {}  # why leangen looks for rope_init, not for meta buffers

@@ -7,13 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+from test_hf_tokenizer import LLAMA_TEMPLATE, _edit_json, _hf, folders, llama_folder, qwen_folder, train_bpe  # noqa: F401 (fixtures)
 
-from leangen.chat_template import ChatTemplate
+from leangen.decode.text import tokenize
 from leangen.errors import ConfigError
-from leangen.hf_tokenizer import HFTokenizer, tokenizer_from_folder
-from leangen.text import tokenize
-from test_hf_tokenizer import (LLAMA_TEMPLATE, _edit_json, _hf, folders, llama_folder,  # noqa: F401 (fixtures)
-                               qwen_folder, train_bpe)
+from leangen.hf.chat_template import ChatTemplate
+from leangen.hf.tokenizer import HFTokenizer, tokenizer_from_folder
 
 SYSTEM_USER = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "kalo  mine?\n\nzequ 日本"}]
 MULTI_TURN = [{"role": "user", "content": "kalo?"}, {"role": "assistant", "content": "mine ruti."},

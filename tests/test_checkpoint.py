@@ -10,14 +10,22 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_models import (
+    FAMILIES,
+    HEADS,
+    HIDDEN,
+    KV_HEADS,
+    assert_logits_close,
+    hf_logits,
+    hf_state_dict,
+    make_hf_checkpoint,
+    tokens,
+    tune_logits,
+)
 
 import leangen
 from leangen import CheckpointError
 from leangen.checkpoint import open_raw, resolve_files
-from tiny_models import (
-    FAMILIES, HEADS, HIDDEN, KV_HEADS, assert_logits_close, hf_logits, hf_state_dict,
-    make_hf_checkpoint, tokens, tune_logits,
-)
 
 
 def _torchtune_state_dict(family: str, path) -> dict[str, torch.Tensor]:

@@ -5,10 +5,10 @@ import pytest
 from omegaconf import OmegaConf
 from torchtune import config as tt_config
 
-from leangen.config import packaged_config_names, parse_args, resolve_config_path
 from leangen.errors import ConfigError
 from leangen.eval import EvalConfig
 from leangen.generate import GenerateConfig
+from leangen.recipe.cli import packaged_config_names, parse_args, resolve_config_path
 
 GENERATE_CONFIGS = ["demo", "mistral7b", "llama2_7b", "code_llama2_7b", "llama3_1_8b", "llama3_2_1b",
                     "llama3_2_3b", "qwen2_5_0_5b", "qwen2_5_7b", "gemma_2b", "phi3_mini"]

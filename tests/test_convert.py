@@ -6,10 +6,18 @@ import re
 
 import pytest
 import torch
+from tiny_models import hf_state_dict
 
 from leangen import ConversionError
-from leangen.convert import ALIASES, FAMILIES, Geometry, Transform, detect_family, family_named, plan
-from tiny_models import hf_state_dict
+from leangen.checkpoint.convert import (
+    ALIASES,
+    FAMILIES,
+    Geometry,
+    Transform,
+    detect_family,
+    family_named,
+    plan,
+)
 
 HF_LLAMA_KEYS = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"] + [
     f"model.layers.0.{k}.weight" for k in (
@@ -101,7 +109,8 @@ def test_permutation_is_torchtunes(heads, head_dim, cols):
 
 def test_phi3_split_is_torchtunes(tiny_checkpoint):
     from torchtune.models.phi3._convert_weights import phi3_hf_to_tune
-    from leangen.view import open_checkpoint
+
+    from leangen.checkpoint.view import open_checkpoint
 
     path = tiny_checkpoint("phi3").path
     expected = phi3_hf_to_tune(hf_state_dict(path), num_heads=4, num_kv_heads=2, dim=64)

@@ -1,11 +1,11 @@
-"""leangen.distributed without a launcher: rank parsing, devices, backends, errors."""
+"""leangen.parallel.ranks without a launcher: rank parsing, devices, backends, errors."""
 
 import pytest
 import torch
 
-from leangen import distributed
-from leangen.distributed import Ranks, rank_device, ranks_from_env
 from leangen.errors import ConfigError, LeangenError
+from leangen.parallel import ranks as distributed
+from leangen.parallel.ranks import Ranks, rank_device, ranks_from_env
 
 
 def test_single_process_without_torchrun(monkeypatch):

@@ -14,9 +14,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 from torchtune import config as tt_config
 
-from leangen.config import parse_args, resolve_config_path
 from leangen.demo import demo_dir
 from leangen.eval import EvalConfig, main
+from leangen.recipe.cli import parse_args, resolve_config_path
 
 TASKS = demo_dir() / "eval" / "tasks"
 COUNTING = demo_dir() / "eval" / "counting.txt"
@@ -91,7 +91,7 @@ def test_local_task_loglikelihoods_equal_lm_eval_hf_backend():
     from transformers import LlamaTokenizer
 
     from leangen import load_model
-    from leangen.lm_eval_adapter import LeangenLM
+    from leangen.evaluation.lm_eval_adapter import LeangenLM
 
     cfg = parse_args(["--config", "eval_demo"], EvalConfig)
     model = load_model(cfg.model, demo_dir(), model_type="llama2")
@@ -124,7 +124,7 @@ def test_recipe_equals_simple_evaluate_with_few_shot(tmp_path, capsys, chat):
     from torchtune.models.llama2 import llama2_tokenizer
 
     from leangen import load_model
-    from leangen.lm_eval_adapter import LeangenLM
+    from leangen.evaluation.lm_eval_adapter import LeangenLM
 
     out = tmp_path / "r.json"
     code, _, err = run(capsys, "~perplexity", "lm_eval.num_fewshot=2", "lm_eval.limit=16",
@@ -264,7 +264,7 @@ def test_install_hint_pins_the_eval_extra():
     """The error's `pip install lm-eval==...` is pyproject.toml's `eval` extra."""
     import tomllib
 
-    from leangen.lm_eval_tasks import LM_EVAL_REQUIREMENT
+    from leangen.evaluation.lm_eval_tasks import LM_EVAL_REQUIREMENT
 
     pyproject = resolve_config_path("eval_demo").parents[2] / "pyproject.toml"
     if not pyproject.exists():

@@ -20,7 +20,7 @@ import pytest
 
 from leangen.demo import demo_dir
 from leangen.eval import main
-from leangen.perplexity import windows
+from leangen.evaluation.perplexity import windows
 
 HERE = Path(__file__).parent
 _VENV_TUNE = Path(sys.executable).with_name("tune")
@@ -147,8 +147,8 @@ def test_a_stuck_rank_times_out_and_is_named(tmp_path):
 # -- the pieces, in one process ----------------------------------------------------------
 
 def test_rank_0_names_the_ranks_that_missed_the_barrier():
-    from leangen.distributed import _peer_errors
     from leangen.errors import LeangenError
+    from leangen.parallel.ranks import _peer_errors
 
     with pytest.raises(LeangenError, match=r"^gathering x: ranks 1, 3 stopped or did not answer "
                                            r"within \d+ s \(LEANGEN_DIST_TIMEOUT_S\)"):
@@ -164,10 +164,10 @@ def test_rank_0_names_the_ranks_that_missed_the_barrier():
 def test_adapter_splits_batches_and_refuses_ranks_with_other_requests(monkeypatch):
     from types import SimpleNamespace
 
-    from leangen import lm_eval_adapter
-    from leangen.distributed import Ranks
     from leangen.errors import LeangenError
-    from leangen.lm_eval_adapter import LeangenLM
+    from leangen.evaluation import lm_eval_adapter
+    from leangen.evaluation.lm_eval_adapter import LeangenLM
+    from leangen.parallel.ranks import Ranks
 
     lm = SimpleNamespace(ranks=Ranks(1, 3, 1))
     assert LeangenLM._share(lm, list(range(8))) == [1, 4, 7]

@@ -113,7 +113,7 @@ def test_torchtune_checkpointer_block_gives_the_same_tokens(capsys, tmp_path, di
 
 
 def _checkpointer_config(tmp_path):
-    from leangen.config import resolve_config_path
+    from leangen.recipe.cli import resolve_config_path
 
     text = resolve_config_path("demo").read_text()
     start, end = text.index("checkpoint:\n"), text.index("tokenizer:\n")
@@ -205,7 +205,7 @@ def _converted_demo(tmp_path, layout):
     from safetensors.torch import load_file
     from torchtune.models.convert_weights import hf_to_tune, tune_to_meta
 
-    from leangen.config import resolve_config_path
+    from leangen.recipe.cli import resolve_config_path
 
     model = OmegaConf.load(resolve_config_path("demo")).model
     state = hf_to_tune(load_file(demo_dir() / "model.safetensors"), num_heads=model.num_heads,
@@ -247,7 +247,7 @@ def test_peak_rss_is_this_process_own_not_its_parents(tmp_path):
     # The child imports leangen (torch, torchtune): about 0.5 GB of its own.
     code = ("import sys; big = bytearray(2 << 30); big[::4096] = b'x' * len(big[::4096]);"
             "import subprocess; sys.exit(subprocess.run([sys.executable, '-c', "
-            "'from leangen.metrics import peak_host_rss_bytes; print(peak_host_rss_bytes())']).returncode)")
+            "'from leangen.recipe.metrics import peak_host_rss_bytes; print(peak_host_rss_bytes())']).returncode)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert int(result.stdout.strip()) < 1280 << 20

@@ -5,8 +5,8 @@ import torch
 from tiny_models import VOCAB
 
 import leangen
-from leangen.generation import generate_steps
-from leangen.sampling import sample
+from leangen.decode.generation import generate_steps
+from leangen.decode.sampling import sample
 
 
 def _greedy(model, prompts, n, *, use_cache=True):
@@ -68,14 +68,14 @@ def test_stops_at_stop_token_per_sequence(loaded):
 
 
 def _step(tokens, active=None):
-    from leangen.generation import Step
+    from leangen.decode.generation import Step
 
     tokens = torch.tensor(tokens)
     return Step(tokens, torch.ones_like(tokens, dtype=torch.bool) if active is None else torch.tensor(active))
 
 
 def test_completions_keep_the_stop_token_but_not_in_text_ids_and_take_nothing_after_it():
-    from leangen.generation import Completions
+    from leangen.decode.generation import Completions
 
     done = Completions(3, stop_tokens=[2])
     assert done.add(_step([5, 2, 7])) == [0, 1, 2]
@@ -88,11 +88,11 @@ def test_completions_keep_the_stop_token_but_not_in_text_ids_and_take_nothing_af
 
 def test_generate_text_on_the_demo_equals_the_recipe_golden_output():
     from omegaconf import OmegaConf
+    from test_generate_recipe import GOLDEN, GOLDEN_IDS
     from torchtune.models.llama2 import llama2_tokenizer
 
-    from leangen.config import resolve_config_path
     from leangen.demo import demo_dir
-    from test_generate_recipe import GOLDEN, GOLDEN_IDS
+    from leangen.recipe.cli import resolve_config_path
 
     model = leangen.load_model(OmegaConf.load(resolve_config_path("demo")).model, demo_dir())
     tokenizer = llama2_tokenizer(str(demo_dir() / "tokenizer.model"), prompt_template=None)

@@ -8,27 +8,27 @@ import warnings
 import pytest
 import torch
 from omegaconf import OmegaConf
+from tiny_models import LLAMA3_ROPE, MAX_SEQ_LEN, hf_logits, make_hf_model, tokens, tune_logits
 
 import leangen
 from leangen import ConversionError
-from leangen.components import model_from_config
-from leangen.hf_config import ModelConfig, builder_for, parse_config
-from tiny_models import LLAMA3_ROPE, MAX_SEQ_LEN, hf_logits, make_hf_model, tokens, tune_logits
+from leangen.hf.config import ModelConfig, builder_for, parse_config
+from leangen.recipe.components import model_from_config
 
 SEQ_LEN = 96
 
 # name -> (tiny_models family, tied, transformers config overrides, builder model: auto picks)
 VARIANTS = {
     "llama-untied": ("llama", False, {}, "torchtune.models.llama2.llama2"),
-    "llama-tied": ("llama", True, {}, "leangen.hf_config.llama2_tied"),
+    "llama-tied": ("llama", True, {}, "leangen.hf.config.llama2_tied"),
     "llama-theta": ("llama", True, {"rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}},
-                    "leangen.hf_config.llama2_tied"),
+                    "leangen.hf.config.llama2_tied"),
     "llama3-factor16": ("llama", False, {"max_position_embeddings": 131072, "rope_parameters": {
         **LLAMA3_ROPE, "factor": 16.0, "rope_theta": 500000.0}}, "torchtune.models.llama3_2.llama3_2"),
     "mistral": ("mistral", False, {"sliding_window": 4096}, "torchtune.models.mistral.mistral"),
     "qwen2": ("qwen2", True, {}, "torchtune.models.qwen2.qwen2"),
     "gemma": ("gemma", True, {}, "torchtune.models.gemma.gemma"),
-    "gemma2": ("gemma2", True, {}, "leangen.hf_config.gemma2"),
+    "gemma2": ("gemma2", True, {}, "leangen.hf.config.gemma2"),
     "phi3": ("phi3", False, {}, "torchtune.models.phi3.phi3"),
 }
 
@@ -254,8 +254,8 @@ def test_matching_builders_pass_the_check(tiny_checkpoint, folder):
 
 
 def test_shipped_demo_passes_the_check():
-    from leangen.config import resolve_config_path
     from leangen.demo import demo_dir
+    from leangen.recipe.cli import resolve_config_path
 
     cfg = OmegaConf.load(resolve_config_path("demo"))
     with warnings.catch_warnings():

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from leangen.components import tokenizer_from_config
+from leangen.decode.text import resolve_add_bos, tokenize
 from leangen.errors import ConfigError
-from leangen.hf_tokenizer import HFTokenizer, tokenizer_from_folder, tokenizer_model_kind
-from leangen.text import resolve_add_bos, tokenize
+from leangen.hf.tokenizer import HFTokenizer, tokenizer_from_folder, tokenizer_model_kind
+from leangen.recipe.components import tokenizer_from_config
 
 DEMO = Path(__file__).parent.parent / "leangen" / "demo"
 
@@ -265,7 +265,7 @@ def test_lm_eval_tok_encode_follows_add_bos(llama_folder, qwen_folder):
     pytest.importorskip("lm_eval")
     import torch
 
-    from leangen.lm_eval_adapter import LeangenLM
+    from leangen.evaluation.lm_eval_adapter import LeangenLM
 
     model = torch.nn.Linear(1, 1)  # tok_encode never runs the model
     for folder in (llama_folder, qwen_folder):

@@ -16,7 +16,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noq
 
 from leangen import load_model  # noqa: E402
 from leangen.demo import demo_dir  # noqa: E402
-from leangen.lm_eval_adapter import LeangenLM  # noqa: E402
+from leangen.evaluation.lm_eval_adapter import LeangenLM  # noqa: E402
 
 DEMO_KWARGS = dict(vocab_size=96, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
                    max_seq_len=256, intermediate_dim=192, norm_eps=1e-5, rope_base=10000.0)

@@ -7,15 +7,21 @@ import gc
 import pytest
 import torch
 from omegaconf import OmegaConf
+from tiny_models import (
+    FAMILIES,
+    assert_logits_close,
+    hf_logits,
+    hf_state_dict,
+    make_hf_checkpoint,
+    make_hf_model,
+    tokens,
+    tune_logits,
+)
 
 import leangen
 from leangen import ConfigError, ConversionError, LeangenError
-from leangen.load import resolve_device, resolve_dtype
-from leangen.view import open_checkpoint
-from tiny_models import (
-    FAMILIES, assert_logits_close, hf_logits, hf_state_dict, make_hf_checkpoint,
-    make_hf_model, tokens, tune_logits,
-)
+from leangen.checkpoint.view import open_checkpoint
+from leangen.load.pipeline import resolve_device, resolve_dtype
 
 SEQ_LEN = 128  # long enough that Llama 3 RoPE scaling moves logits ~100x the tolerance
 

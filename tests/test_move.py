@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leangen.convert import Transform
-from leangen.move import Stager, host_buffer, move_to_device
+from leangen.checkpoint.convert import Transform
+from leangen.load.move import Stager, host_buffer, move_to_device
 
 
 def _sample(dtype: torch.dtype, shape) -> torch.Tensor:

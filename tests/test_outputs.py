@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from leangen.outputs import ResultFile, write_result
+from leangen.recipe.outputs import ResultFile, write_result
 
 
 def test_lines_reach_the_file_only_on_close_and_replace_the_old_one(tmp_path):

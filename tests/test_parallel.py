@@ -1,4 +1,4 @@
-"""Tensor-parallel generation (leangen.parallel) on 2 gloo ranks under torchrun, against
+"""Tensor-parallel generation (leangen.parallel.tensor_parallel) on 2 gloo ranks under torchrun, against
 one process: greedy ids, each rank's shards, each rank's anonymous memory, a failing rank.
 
 The torchrun jobs run in subprocesses (tests/tp_worker.py is one rank): one launch runs
@@ -18,14 +18,20 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from test_generate_recipe import GOLDEN
+from tiny_models import make_hf_model
 
-from leangen.convert import Geometry
+from leangen.checkpoint.convert import Geometry
 from leangen.demo import demo_dir
 from leangen.errors import ConfigError
 from leangen.generate import main as generate_main
-from leangen.parallel import LLAMA_PLAN, check_divisible, default_plan, resolve_plan, shard_range
-from test_generate_recipe import GOLDEN
-from tiny_models import make_hf_model
+from leangen.parallel.tensor_parallel import (
+    LLAMA_PLAN,
+    check_divisible,
+    default_plan,
+    resolve_plan,
+    shard_range,
+)
 
 WORKER = Path(__file__).with_name("tp_worker.py")
 # (tiny_models family, tied, config overrides): Llama-3-style GQA (4 heads, 2 kv heads,
@@ -290,7 +296,7 @@ def test_each_rank_quantizes_exactly_its_own_shard(job, tp_run):
     """Every sharded Linear's local weight is the rank's slice quantized on its own
     (compared as the dense matrix each kernel multiplies by), and where the math allows,
     the same rows or columns as the one-process quantized layer."""
-    from leangen.quantize import QuantSpec
+    from leangen.quant.quantize import QuantSpec
 
     out, _ = tp_run
     kind = QUANT[job][1]
@@ -390,7 +396,7 @@ def test_shard_ranges_follow_torch_chunk(size, parts):
 
 @pytest.mark.parametrize("builder", ["torchtune.models.llama3_2.llama3_2", "torchtune.models.llama3_1.llama3_1_70b",
                                      "torchtune.models.mistral.mistral", "torchtune.models.qwen2.qwen2",
-                                     "torchtune.models.qwen2_5.qwen2_5_7b_instruct", "leangen.hf_config.llama2_tied"])
+                                     "torchtune.models.qwen2_5.qwen2_5_7b_instruct", "leangen.hf.config.llama2_tied"])
 def test_llama_style_families_default_to_torchtunes_plan(builder):
     assert default_plan(builder) == LLAMA_PLAN
     plan = resolve_plan(None, builder)
@@ -419,7 +425,7 @@ def test_a_plan_from_the_config_is_instantiated_and_copied():
 
 @pytest.fixture
 def own_group(tmp_path):
-    """A one-rank gloo group made by the caller (not by leangen.distributed.start)."""
+    """A one-rank gloo group made by the caller (not by leangen.parallel.ranks.start)."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
@@ -430,15 +436,15 @@ def own_group(tmp_path):
 
 
 def test_stop_leaves_a_group_it_did_not_make(own_group):
-    from leangen import distributed
+    from leangen.parallel import ranks as distributed
 
     distributed.stop()
     assert torch.distributed.is_initialized()
 
 
 def test_a_dead_peer_in_a_collective_is_one_line(own_group):
-    from leangen.distributed import peer_failure
     from leangen.errors import LeangenError
+    from leangen.parallel.ranks import peer_failure
 
     gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:28572.\nmore")
     failure = peer_failure(gloo)
@@ -451,9 +457,9 @@ def test_a_dead_peer_in_a_collective_is_one_line(own_group):
 
 @pytest.mark.parametrize("override,key", [("compile=true", "compile"), ("prepack=true", "prepack")])
 def test_what_tensor_parallelism_does_not_support_yet_is_refused_early(override, key):
-    from leangen.config import parse_args
-    from leangen.distributed import Ranks
     from leangen.generate import GenerateConfig, _reject_bad_options
+    from leangen.parallel.ranks import Ranks
+    from leangen.recipe.cli import parse_args
 
     cfg = parse_args(["--config", "demo", override], GenerateConfig)
     _reject_bad_options(cfg)  # one process: fine
@@ -463,9 +469,9 @@ def test_what_tensor_parallelism_does_not_support_yet_is_refused_early(override,
 
 @pytest.mark.parametrize("override", ["quantize=int8", "quantize=int4"])
 def test_quantize_is_accepted_under_tensor_parallelism(override):
-    from leangen.config import parse_args
-    from leangen.distributed import Ranks
     from leangen.generate import GenerateConfig, _reject_bad_options
+    from leangen.parallel.ranks import Ranks
+    from leangen.recipe.cli import parse_args
 
     _reject_bad_options(parse_args(["--config", "demo", override], GenerateConfig), Ranks(0, 2, 0))
 
@@ -473,7 +479,7 @@ def test_quantize_is_accepted_under_tensor_parallelism(override):
 def test_load_model_refuses_prepack_under_tensor_parallelism():
     """From Python too, not only in the recipe: the refusal comes before any mesh is used."""
     import leangen
-    from leangen.parallel import TensorParallel
+    from leangen.parallel.tensor_parallel import TensorParallel
 
     with pytest.raises(ConfigError, match="prepack with tensor parallelism is not supported"):
         leangen.load_model("auto", demo_dir(), device="cpu", dtype="fp32",

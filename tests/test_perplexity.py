@@ -12,7 +12,7 @@ import torch
 
 from leangen.demo import demo_dir
 from leangen.eval import main
-from leangen.perplexity import Score, windows
+from leangen.evaluation.perplexity import Score, windows
 
 COUNTING = demo_dir() / "eval" / "counting.txt"
 

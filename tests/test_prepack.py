@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import leangen
-from leangen.errors import ConfigError
-from leangen.prepack import PrepackedLinear
-
 from test_generate_recipe import GOLDEN_IDS
 from test_load import _mapped_file
 from test_quantize import TOKENS, load_demo
+
+import leangen
+from leangen.errors import ConfigError
+from leangen.load.prepack import PrepackedLinear
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])

@@ -1,4 +1,4 @@
-"""The quantized cache (leangen.quant_cache): written once, then mmap'd instead of quantizing."""
+"""The quantized cache (leangen.quant.cache): written once, then mmap'd instead of quantizing."""
 
 from __future__ import annotations
 
@@ -13,15 +13,14 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-import leangen
-import leangen.quant_cache as quant_cache
-from leangen.errors import ConfigError
-from leangen.quant_cache import QuantCacheWarning, cache_dir
-from leangen.quantize import Quantizer
-
 from test_load import _mapped_file
 from tiny_models import make_hf_checkpoint
+
+import leangen
+import leangen.quant.cache as quant_cache
+from leangen.errors import ConfigError
+from leangen.quant.cache import QuantCacheWarning, cache_dir
+from leangen.quant.quantize import Quantizer
 
 TOKENS = torch.tensor([[1, 5, 9, 17, 33, 65, 100, 3]])
 
@@ -79,9 +78,9 @@ def test_a_cached_load_gives_bit_identical_logits(tiny_checkpoint, cache_home, k
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_row_chunked_weights_are_cached_and_read_back_as_the_whole_layers(tiny_checkpoint, cache_home,
                                                                           monkeypatch, kind):
-    """Quantized in 64-row chunks (leangen.quantize.CHUNK_BYTES), the joined tensors are
+    """Quantized in 64-row chunks (leangen.quant.quantize.CHUNK_BYTES), the joined tensors are
     written and read back like whole-layer ones: the same logits as quantizing whole."""
-    import leangen.quantize as quantize
+    import leangen.quant.quantize as quantize
 
     ckpt = tiny_checkpoint("llama3_2")  # tied: the 128-row output is chunked in untie
     whole = logits(load(ckpt, quantize=kind))
@@ -219,7 +218,7 @@ def test_a_changed_header_is_stale(own_checkpoint):
 def test_other_settings_are_other_entries(tiny_checkpoint, cache_home):
     ckpt = tiny_checkpoint("llama3_2")
     settings = [dict(quantize="int8"), dict(quantize="int4"),
-                dict(quantize=leangen.quantize.QuantSpec("int4", group_size=32)),
+                dict(quantize=leangen.quant.quantize.QuantSpec("int4", group_size=32)),
                 dict(quantize="int8", dtype="bf16"), dict(quantize="int8", max_seq_len=256)]
     for setting in settings:
         model, warned = load_warned(ckpt, quantize_cache="auto", **setting)
@@ -313,8 +312,9 @@ def test_a_failed_write_leaves_neither_an_entry_nor_a_temp_file(tiny_checkpoint,
 # -- the recipes ---------------------------------------------------------------------------
 
 def test_the_recipes_write_then_hit_the_cache_and_say_so(capsys, cache_home, tmp_path):
-    from leangen.eval import main as eval_main
     from test_recipe_cli import GOLDEN_IDS, run
+
+    from leangen.eval import main as eval_main
 
     out, metrics = tmp_path / "out.jsonl", tmp_path / "metrics.json"
     for expected in ("written", "hit"):
@@ -340,7 +340,7 @@ def test_version_of_a_source_tree_run(monkeypatch):
     installed metadata: the key then names its source instead of failing the load."""
     from importlib import metadata
 
-    from leangen import quant_cache
+    from leangen.quant import cache as quant_cache
 
     real = metadata.version
 

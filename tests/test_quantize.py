@@ -1,4 +1,4 @@
-"""Weight-only int8/int4 quantization while loading (leangen.quantize)."""
+"""Weight-only int8/int4 quantization while loading (leangen.quant.quantize)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,15 @@ import functools
 import pytest
 import torch
 from omegaconf import OmegaConf
-
-import leangen
-from leangen.config import resolve_config_path
-from leangen.demo import demo_dir
-from leangen.errors import ConfigError
-from leangen.metrics import model_bytes
-from leangen.quantize import QuantSpec, Quantizer, tensor_bytes
-
 from test_generate_recipe import GOLDEN_IDS
 from test_load import _mapped_file
+
+import leangen
+from leangen.demo import demo_dir
+from leangen.errors import ConfigError
+from leangen.quant.quantize import Quantizer, QuantSpec, tensor_bytes
+from leangen.recipe.cli import resolve_config_path
+from leangen.recipe.metrics import model_bytes
 
 PROMPT = [1, 46, 47, 44]  # BOS "one two three", as the recipe tokenizes it
 # the demo's tokens for "one two three four five six seven": a real sequence of its data
@@ -120,7 +119,7 @@ def test_tied_output_gets_its_own_quantized_copy_and_the_embedding_stays_the_mma
 def test_quantization_is_streamed_one_full_precision_linear_at_a_time(monkeypatch):
     """Loaded as bf16 from the fp32 demo, each Linear is cast (a new bf16 tensor) and
     must be quantized before the next one is cast: unquantized Linears stay fp32 mmap."""
-    import leangen.quantize as quantize
+    import leangen.quant.quantize as quantize
 
     resident = []
     model_ref = {}
@@ -135,13 +134,13 @@ def test_quantization_is_streamed_one_full_precision_linear_at_a_time(monkeypatc
 
     original = quantize.Quantizer.quantize_linear
     monkeypatch.setattr(quantize.Quantizer, "quantize_linear", counting)
-    build = leangen.load.build_on_meta
+    build = leangen.load.pipeline.build_on_meta
 
     def remember(*args, **kwargs):
         model_ref["model"] = build(*args, **kwargs)
         return model_ref["model"]
 
-    monkeypatch.setattr(leangen.load, "build_on_meta", remember)
+    monkeypatch.setattr(leangen.load.pipeline, "build_on_meta", remember)
     model = load_demo(quantize="int8", dtype="bf16")
     assert len(resident) == 15 and max(resident) == 1  # the one about to be quantized
     assert not any(type(m.weight) is torch.nn.Parameter
@@ -150,8 +149,8 @@ def test_quantization_is_streamed_one_full_precision_linear_at_a_time(monkeypatc
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_compiled_decode_gives_the_same_greedy_tokens_as_eager(kind):
-    from leangen.generation import complete
-    from leangen.sampling import sample
+    from leangen.decode.generation import complete
+    from leangen.decode.sampling import sample
 
     greedy = functools.partial(sample, temperature=0)
 
@@ -163,7 +162,7 @@ def test_compiled_decode_gives_the_same_greedy_tokens_as_eager(kind):
 
 
 def test_int8_linear_runs_the_aten_int8_kernel_on_cpu():
-    """quantize: int8 installs leangen.int8_kernel in front of torchao's eager path, which
+    """quantize: int8 installs leangen.quant.int8_kernel in front of torchao's eager path, which
     converts the whole weight to bf16 on every call (~10x slower than bf16 on CPU)."""
     from torchao.dtypes.uintx.plain_layout import _linear_fp_act_int8_weight_impl as torchao_impl
 
@@ -224,7 +223,7 @@ def assert_identical(got: torch.Tensor, want: torch.Tensor) -> None:
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of ROW_MULTIPLE (64) rows, so the small layers here are cut in several."""
-    import leangen.quantize as quantize
+    import leangen.quant.quantize as quantize
 
     monkeypatch.setattr(quantize, "CHUNK_BYTES", 1)
 
@@ -256,7 +255,7 @@ def test_row_chunks_join_into_the_whole_layer_bit_for_bit(small_chunks, monkeypa
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_chunked_quantization_gives_the_same_logits(monkeypatch, kind):
     """The demo's MLP (192 rows) and output (96) are cut in 64-row chunks with small_chunks."""
-    import leangen.quantize as quantize
+    import leangen.quant.quantize as quantize
 
     with torch.no_grad():
         whole = load_demo(quantize=kind, dtype="bf16")(TOKENS)
@@ -284,7 +283,7 @@ def test_no_chunk_handed_to_torchao_is_larger_than_the_chunk_size(tiny_checkpoin
 def test_a_format_whose_rows_are_not_known_is_quantized_whole(small_chunks, monkeypatch):
     """A torchao format missing from ROW_DIMS (CUDA's tile-packed int4) is not cut: the
     first chunk shows the format, then the whole layer goes through torchao at once."""
-    import leangen.quantize as quantize
+    import leangen.quant.quantize as quantize
 
     monkeypatch.setattr(quantize, "ROW_DIMS", {})
     torch.manual_seed(0)

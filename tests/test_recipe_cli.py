@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from leangen.config import packaged_config_names, resolve_config_path
 from leangen.eval import EvalConfig
 from leangen.eval import main as eval_main
 from leangen.generate import GenerateConfig, main
+from leangen.recipe.cli import packaged_config_names, resolve_config_path
 
 GENERATE = [sys.executable, "-m", "leangen.generate"]
 
@@ -250,9 +250,9 @@ def test_quantize_int8_keeps_the_demo_golden_tokens_and_counts_its_bytes(capsys,
 
 
 def _demo_parameters():
-    import leangen
     from omegaconf import OmegaConf
 
+    import leangen
     from leangen.demo import demo_dir
 
     return leangen.load_model(OmegaConf.load(resolve_config_path("demo")).model, demo_dir()).parameters()

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import FAMILIES, assert_logits_close, hf_logits, tokens, tune_logits
 from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
 from torchtune.models.qwen2._positional_embeddings import Qwen2RotaryPositionalEmbeddings
 from torchtune.modules import RotaryPositionalEmbeddings
 
 import leangen
-from leangen.convert import INTERLEAVED, ROTATE_HALF, Transform
-from leangen.load import build_on_meta
-from leangen.rope import RotateHalf, match_stored_layout, qk_layout
-from tiny_models import FAMILIES, assert_logits_close, hf_logits, tokens, tune_logits
+from leangen.checkpoint.convert import INTERLEAVED, ROTATE_HALF, Transform
+from leangen.load.pipeline import build_on_meta
+from leangen.load.rope import RotateHalf, match_stored_layout, qk_layout
 
 HEAD_DIM = 16
 

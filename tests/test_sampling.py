@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from leangen.sampling import check_sampling, logits_to_probs, sample
+from leangen.decode.sampling import check_sampling, logits_to_probs, sample
 
 
 def test_temperature_zero_is_argmax():
@@ -54,7 +54,7 @@ def test_invalid_sampling_is_rejected(kwargs, message):
 def test_candidates_are_exactly_the_distribution_of_logits_to_probs(top_k, top_p):
     """sample() draws from the candidate set only: scattered back over the vocabulary it
     must be logits_to_probs' distribution (the definition), token for token."""
-    from leangen.sampling import candidates
+    from leangen.decode.sampling import candidates
 
     logits = torch.randn(3, 4096, generator=torch.Generator().manual_seed(2)) * 3
     probs, ids = candidates(logits, 0.8, top_k, top_p)

@@ -7,14 +7,22 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import (
+    HIDDEN,
+    INTERMEDIATE,
+    KV_HEADS,
+    VOCAB,
+    assert_logits_close,
+    hf_logits,
+    hf_state_dict,
+    tokens,
+    tune_logits,
+)
 
 import leangen
 from leangen import ConversionError
-from leangen.convert import ROTATE_HALF
-from leangen.rope import qk_layout
-from tiny_models import (
-    HIDDEN, INTERMEDIATE, KV_HEADS, VOCAB, assert_logits_close, hf_logits, hf_state_dict, tokens, tune_logits,
-)
+from leangen.checkpoint.convert import ROTATE_HALF
+from leangen.load.rope import qk_layout
 
 
 def test_load_tensors_embedding_and_output(tiny_checkpoint):

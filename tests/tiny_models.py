@@ -97,7 +97,7 @@ FAMILIES: dict[str, TinyFamily] = {
     "gemma2": TinyFamily(  # torchtune's gemma2 caps hidden states, not logits: leangen's
         _config("Gemma2Config", head_dim=32, query_pre_attn_scalar=32, sliding_window=4096,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-        "Gemma2ForCausalLM", "leangen.hf_config.gemma2",
+        "Gemma2ForCausalLM", "leangen.hf.config.gemma2",
         dict(_COMMON_TUNE, head_dim=32, rope_base=10000, query_pre_attn_scalar=32), tied=True,
         model_type="gemma2"),
     "phi3": TinyFamily(

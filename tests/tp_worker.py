@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from leangen import distributed
 from leangen.errors import LeangenError
+from leangen.parallel import ranks as distributed
 
 TOKENS = torch.tensor([[5, 17, 33, 2, 60, 9, 41], [7, 7, 80, 3, 12, 90, 1]])
 
@@ -53,7 +53,7 @@ class PeakAnon:
 
 
 def tp():
-    from leangen.parallel import TensorParallel
+    from leangen.parallel.tensor_parallel import TensorParallel
 
     return TensorParallel.start(torch.device("cpu"))
 
@@ -61,7 +61,7 @@ def tp():
 def memory_job(path: str) -> dict:
     """Peak anonymous memory growth of this rank while it loads its shard."""
     from leangen import load_model
-    from leangen.view import open_checkpoint
+    from leangen.checkpoint.view import open_checkpoint
 
     parallel = tp()
     view = open_checkpoint(path)
@@ -86,17 +86,17 @@ def shards_job(path: str, *, permute: bool = False) -> dict:
     heads) on a rank."""
     from torch.distributed.tensor import DTensor
 
-    import leangen.load
+    import leangen.load.pipeline
     from leangen import load_model
-    from leangen.parallel import shard_range
+    from leangen.parallel.tensor_parallel import shard_range
 
     if permute:
-        original = leangen.load.match_stored_layout
-        leangen.load.match_stored_layout = lambda model, stored: None
+        original = leangen.load.pipeline.match_stored_layout
+        leangen.load.pipeline.match_stored_layout = lambda model, stored: None
         try:
             return shards_job(path)
         finally:
-            leangen.load.match_stored_layout = original
+            leangen.load.pipeline.match_stored_layout = original
     parallel = tp()
     model = load_model("auto", path, parallel=parallel)
     single_model = load_model("auto", path)
@@ -119,7 +119,7 @@ def shards_job(path: str, *, permute: bool = False) -> dict:
                             "equal": torch.equal(p, ref), "type": type(p).__name__}
     with torch.inference_mode():
         diff = (model(TOKENS) - single_model(TOKENS)).abs().max().item()
-    view = leangen.load.open_checkpoint(path, qk_layout=leangen.load.qk_layout(single_model))
+    view = leangen.load.pipeline.open_checkpoint(path, qk_layout=leangen.load.pipeline.qk_layout(single_model))
     return {"params": params, "logits_max_diff": diff, "world_size": parallel.size,
             "q_permuted_heads": view.entries["layers.0.attn.q_proj.weight"].transform.permute_heads}
 
@@ -135,7 +135,7 @@ def dense(weight: torch.Tensor) -> torch.Tensor:
 def quantized_alone(weight: torch.Tensor, kind: str) -> torch.Tensor:
     """``weight`` (a plain tensor) quantized on its own as leangen would, as dense fp32;
     a layer the quantizer skips stays as it is."""
-    from leangen.quantize import Quantizer, QuantSpec
+    from leangen.quant.quantize import Quantizer, QuantSpec
 
     linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     linear.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
@@ -148,7 +148,7 @@ def _placement(module: torch.nn.Module):
     None (the embedding is sharded too, but not a Linear: never quantized)."""
     from torch.distributed.tensor import DTensor
 
-    from leangen.parallel_quant import ShardLinear
+    from leangen.quant.sharded import ShardLinear
 
     if isinstance(module, ShardLinear):
         return module.placement
@@ -165,8 +165,8 @@ def quant_job(path: str, kind: str) -> dict:
     weights (dense fp32), the exact model the ranks compute; (b) the one-process fp32 and
     quantized models, for the size of the quantization error."""
     from leangen import load_model
-    from leangen.parallel import shard_range
-    from leangen.parallel_quant import ShardLinear
+    from leangen.parallel.tensor_parallel import shard_range
+    from leangen.quant.sharded import ShardLinear
 
     parallel = tp()
     model = load_model("auto", path, parallel=parallel, quantize=kind)
@@ -226,7 +226,7 @@ def generate_job(args: list[str]) -> dict:
 
 def fail_on(rank: int) -> None:
     """Make ``rank`` fail while it loads, as a bad disk or a missing file would."""
-    from leangen import parallel
+    from leangen.parallel import tensor_parallel as parallel
 
     if distributed.ranks_from_env().rank != rank:
         return

@@ -1,5 +1,8 @@
 """Helpers: start/stop CPU hogs, and measure how busy the rest of the machine was."""
-import os, subprocess, sys, time
+import os
+import subprocess
+import sys
+import time
 
 HOG = [sys.executable, "-c", "while True: pass"]
 

@@ -5,7 +5,13 @@ for each thread setting (order rotated per rep) -> one fresh leangen-generate pr
 Hogs are killed between hog settings (their CPU time is counted as ours, see busy.py).
 usage: python demo_threads.py [reps]
 """
-import json, os, statistics, subprocess, sys, time
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
 sys.path.insert(0, os.path.dirname(__file__))
 from busy import Window, start_hogs, stop_hogs
 

@@ -6,7 +6,12 @@ count (order alternated per rep): reset KV cache, short prefill (8 tokens), 1 wa
 time N single-token decode steps -> tok/s = N / time.
 usage: python model_threads.py [reps] [steps]
 """
-import os, statistics, sys, time, warnings
+import os
+import statistics
+import sys
+import time
+import warnings
+
 sys.path.insert(0, os.path.dirname(__file__))
 import torch
 from busy import Window, start_hogs, stop_hogs

@@ -4,7 +4,7 @@
 token requests, this class scores them with the model already in memory. Nothing
 is downloaded (torchtune's wrapper initialises ``HFLM(pretrained="gpt2")``, which
 does). Scoring batches right-padded requests with the KV cache off; generation
-goes through ``leangen.generation.complete``, as in the generate recipe.
+goes through ``leangen.decode.generation.complete``, as in the generate recipe.
 
 Data-parallel under torchrun (``ranks``): every rank runs lm-eval's ``evaluate`` on all
 documents, and the adapter splits the model work. The requests are batched exactly as in
@@ -35,12 +35,12 @@ from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from leangen.distributed import Ranks, all_gather_object
+from leangen.decode.generation import Completions, complete
+from leangen.decode.sampling import sample
+from leangen.decode.text import IncrementalDecoder, resolve_add_bos, tokenize
 from leangen.errors import ConfigError, LeangenError
-from leangen.generation import Completions, complete
-from leangen.perplexity import Throughput, padded_logits, token_logprobs
-from leangen.sampling import sample
-from leangen.text import IncrementalDecoder, resolve_add_bos, tokenize
+from leangen.evaluation.perplexity import Throughput, padded_logits, token_logprobs
+from leangen.parallel.ranks import Ranks, all_gather_object
 
 # A request is ((context, continuation) or None, context ids, continuation ids).
 Request = tuple[Any, list[int], list[int]]

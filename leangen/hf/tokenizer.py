@@ -10,7 +10,7 @@ uses), so ``tokenizer(text)`` in transformers and ``encode`` here give the same 
   ``special_tokens_map.json`` merged in when the config lists no added tokens;
 - stop tokens are the eos plus every ``eos_token_id`` of ``generation_config.json``;
 - chat messages are rendered with the folder's chat template and encoded without
-  adding special tokens again (``leangen.chat_template``).
+  adding special tokens again (``leangen.hf.chat_template``).
 
 ``tokenizer_from_folder`` picks the tokenizer of a model folder (``tokenizer: auto``):
 ``tokenizer.json`` with this class, else ``tokenizer.model`` (sentencepiece or
@@ -26,8 +26,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from leangen.chat_template import SPECIAL_TOKEN_NAMES, ChatTemplate
 from leangen.errors import ConfigError
+from leangen.hf.chat_template import SPECIAL_TOKEN_NAMES, ChatTemplate
 
 __all__ = ["HFTokenizer", "tokenizer_from_folder", "tokenizer_model_kind", "read_json", "generation_eos_ids"]
 

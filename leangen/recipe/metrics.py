@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from leangen.quantize import tensor_bytes
+from leangen.quant.quantize import tensor_bytes
 
 
 def model_bytes(model: torch.nn.Module) -> int:

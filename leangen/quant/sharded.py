@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Partial, Shard
 
-from leangen.quantize import linear_holding
+from leangen.quant.quantize import linear_holding
 
 # The placement of a Linear's output, by the placement of its weight: output rows give
 # output features (the last dim); input columns give partial sums, which the parallel

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from leangen.distributed import Ranks, all_gather_object
+from leangen.parallel.ranks import Ranks, all_gather_object
 
 # Positions per float32 log-softmax call: bounds the float32 copy of the logits
 # (1024 x a 128k vocabulary is 0.5 GB) whatever the window and batch sizes.

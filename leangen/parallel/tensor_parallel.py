@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from leangen.convert import Geometry
+from leangen.checkpoint.convert import Geometry
 from leangen.errors import ConfigError, ConversionError
 
 # torchtune's plans, by the torchtune model package of the builder. base_llama_tp_plan
@@ -44,7 +44,7 @@ TP_PLANS: dict[str, str] = {
                      "torchtune.models.llama3_2", "torchtune.models.llama3_3",
                      "torchtune.models.code_llama2", "torchtune.models.mistral",
                      "torchtune.models.qwen2", "torchtune.models.qwen2_5"], LLAMA_PLAN),
-    "leangen.hf_config.llama2_tied": LLAMA_PLAN,  # torchtune's llama2 with a tied output
+    "leangen.hf.config.llama2_tied": LLAMA_PLAN,  # torchtune's llama2 with a tied output
 }
 
 # Parameters whose sharded dimension may split unevenly: the embedding's and the
@@ -188,11 +188,11 @@ class TensorParallel:
 
     def per_rank(self, quantizer, cache_setting):
         """``(hook, cache setting)`` for ``quantize`` on this rank: each rank quantizes its own
-        shards (``leangen.parallel_quant``), and the quantized cache is off: its entries hold
+        shards (``leangen.quant.sharded``), and the quantized cache is off: its entries hold
         one process's whole quantized model, keyed without the rank's shard."""
         if quantizer is None:
             return None, cache_setting
-        from leangen.parallel_quant import ShardQuantizer
+        from leangen.quant.sharded import ShardQuantizer
 
         if cache_setting:
             self.notes.append("quantize_cache is off: each rank quantizes its own shards on every load")

@@ -17,7 +17,7 @@ gets its own quantized copy and the embedding stays as it was (the file's mmap o
 
 What torchao 0.14 offers, per device:
 - int8: ``Int8WeightOnlyConfig`` (per-row scales), any shape, any float dtype; on CPU it
-  runs through ``aten._weight_int8pack_mm`` (``leangen.int8_kernel``: torchao's own eager
+  runs through ``aten._weight_int8pack_mm`` (``leangen.quant.int8_kernel``: torchao's own eager
   path converts the whole weight on every call).
 - int4 on CPU: ``Int4WeightOnlyConfig(int4_packing_format="opaque")``, which packs for
   ``aten::_weight_int4pack_mm_for_cpu``; a layer whose ``out_features`` is not a multiple
@@ -101,7 +101,7 @@ class Quantizer:
                               "Use int8 there.")
         self.counts = {"quantized": 0, "skipped": 0}
         if spec.kind == "int8":
-            from leangen import int8_kernel
+            from leangen.quant import int8_kernel
 
             int8_kernel.install()  # torchao's eager int8 linear is ~10x slower than bf16 on CPU
 

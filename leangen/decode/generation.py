@@ -20,9 +20,9 @@ import torch
 from torchtune.generation import get_causal_mask_from_padding_mask, get_position_ids_from_padding_mask
 from torchtune.modules.common_utils import local_kv_cache
 
+from leangen.decode.sampling import check_sampling, sample
+from leangen.decode.text import IncrementalDecoder, tokenize
 from leangen.errors import ConfigError
-from leangen.sampling import check_sampling, sample
-from leangen.text import IncrementalDecoder, tokenize
 
 Sampler = Callable[[torch.Tensor], torch.Tensor]  # logits [b, vocab] -> ids [b]
 Forward = Callable[..., torch.Tensor]

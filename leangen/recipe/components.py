@@ -7,17 +7,17 @@ ever written to the checkpointer's ``output_dir``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from leangen.config import config_key
 from leangen.errors import ConfigError
-from leangen.load import load_model
+from leangen.load.pipeline import load_model
+from leangen.recipe.cli import config_key
 
 # The checkpointer classes whose blocks leangen reads; any other is refused.
 CHECKPOINTERS = {
@@ -113,7 +113,7 @@ TORCHTUNE_QUANTIZERS = {
 def quant_spec(cfg: DictConfig):
     """The QuantSpec from ``quantize:`` (and ``quantize_group_size``), or from a torchtune
     ``quantizer:`` block; None for full precision."""
-    from leangen.quantize import QuantSpec
+    from leangen.quant.quantize import QuantSpec
 
     block, kind = cfg.get("quantizer"), cfg.get("quantize")  # get: a config without the schema works too
     if block is None:
@@ -136,7 +136,7 @@ def model_from_config(cfg: DictConfig, device: torch.device, *,
     checked against config.json; ``checkpoint.strict_config: false`` only warns.
     ``positions``: the most positions the run will use, so that the RoPE cache holds
     those rather than the builder's whole context (131072 for Llama 3). ``parallel``: a
-    ``leangen.parallel.TensorParallel``, for a tensor-parallel rank's shard."""
+    ``leangen.parallel.tensor_parallel.TensorParallel``, for a tensor-parallel rank's shard."""
     path, model_type = checkpoint_source(cfg)
     strict = cfg.checkpoint.get("strict_config", True) if cfg.get("checkpoint") is not None else True
     return load_model(cfg.model, path, device=device, dtype=cfg.dtype, model_type=model_type,
@@ -156,12 +156,12 @@ def compile_decode(model: torch.nn.Module):
 
 
 def tokenizer_from_config(cfg: DictConfig):
-    """``tokenizer: auto``: the checkpoint folder's own tokenizer (leangen.hf_tokenizer);
+    """``tokenizer: auto``: the checkpoint folder's own tokenizer (leangen.hf.tokenizer);
     else a torchtune ``_component_`` block."""
     from torchtune import config as tt_config
 
     if cfg.tokenizer == "auto":
-        from leangen.hf_tokenizer import tokenizer_from_folder
+        from leangen.hf.tokenizer import tokenizer_from_folder
 
         return tokenizer_from_folder(_checkpoint_folder(cfg))
     if not OmegaConf.is_dict(cfg.tokenizer):

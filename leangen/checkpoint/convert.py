@@ -6,7 +6,7 @@ tensor, a q/k head permutation). The key tables are torchtune's own.
 
 q/k rows are permuted only where the layout they are stored in differs from the
 layout of the model they are for (``plan``'s ``layout``, which ``load_model`` reads
-from the built model's RoPE module: see ``leangen.rope``).
+from the built model's RoPE module: see ``leangen.load.rope``).
 """
 
 from __future__ import annotations

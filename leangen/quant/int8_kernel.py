@@ -28,9 +28,11 @@ def install() -> None:
     if _installed:
         return
     from torchao.dtypes.affine_quantized_tensor_ops import (
-        deregister_aqt_quantized_linear_dispatch, register_aqt_quantized_linear_dispatch)
-    from torchao.dtypes.uintx.plain_layout import (
-        _linear_fp_act_int8_weight_check as torchao_check, _linear_fp_act_int8_weight_impl as torchao_impl)
+        deregister_aqt_quantized_linear_dispatch,
+        register_aqt_quantized_linear_dispatch,
+    )
+    from torchao.dtypes.uintx.plain_layout import _linear_fp_act_int8_weight_check as torchao_check
+    from torchao.dtypes.uintx.plain_layout import _linear_fp_act_int8_weight_impl as torchao_impl
 
     # The table is checked in insertion order: ours, then torchao's again, as its fallback.
     deregister_aqt_quantized_linear_dispatch(torchao_check)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from leangen.errors import ConfigError
-from leangen.quantize import tied_linears
+from leangen.quant.quantize import tied_linears
 
 # Dtypes oneDNN packs with a measured gain on CPU (fp16 has no fast path without AVX512-FP16).
 PACKABLE = (torch.bfloat16, torch.float32)

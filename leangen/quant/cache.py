@@ -38,7 +38,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from leangen.errors import ConfigError
-from leangen.quantize import Quantizer, is_tensor_subclass
+from leangen.quant.quantize import Quantizer, is_tensor_subclass
 
 CacheSetting = Union[None, str, os.PathLike]
 

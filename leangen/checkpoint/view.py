@@ -8,7 +8,7 @@ from typing import Iterable, Iterator
 import torch
 
 from leangen.checkpoint import CheckpointPath, RawCheckpoint, open_raw
-from leangen.convert import Entry, Family, Geometry, detect_family, plan, stored_layout
+from leangen.checkpoint.convert import Entry, Family, Geometry, detect_family, plan, stored_layout
 from leangen.errors import ConversionError
 
 # load_tensors' fallbacks for checkpoints that tie the output projection to the embedding.

@@ -20,7 +20,7 @@ from torchtune.models.phi3._position_embeddings import Phi3RotaryPositionalEmbed
 from torchtune.models.qwen2._positional_embeddings import Qwen2RotaryPositionalEmbeddings
 from torchtune.modules import RotaryPositionalEmbeddings
 
-from leangen.convert import INTERLEAVED, ROTATE_HALF
+from leangen.checkpoint.convert import INTERLEAVED, ROTATE_HALF
 
 
 class RotateHalf(nn.Module):

@@ -29,8 +29,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from yaml import YAMLError
 
 from leangen.demo import demo_dir
-from leangen.distributed import error_prefix, peer_failure, stop
 from leangen.errors import ConfigError, Interrupted, LeangenError
+from leangen.parallel.ranks import error_prefix, peer_failure, stop
 
 DEBUG_ENV = "LEANGEN_DEBUG"
 
@@ -46,9 +46,9 @@ OmegaConf.register_resolver("leangen.demo", _demo_file, replace=True)
 def packaged_configs_dir() -> Path:
     """Where the packaged YAMLs are: ``leangen/_configs`` in a wheel (pyproject maps
     recipes/configs there), else ``recipes/configs`` beside an editable checkout."""
-    here = Path(__file__).resolve().parent
-    installed = here / "_configs"
-    return installed if installed.is_dir() else here.parent / "recipes" / "configs"
+    package = Path(__file__).resolve().parent.parent
+    installed = package / "_configs"
+    return installed if installed.is_dir() else package.parent / "recipes" / "configs"
 
 
 def packaged_config_names() -> list[str]:

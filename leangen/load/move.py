@@ -14,7 +14,7 @@ from typing import Callable, Collection
 import torch
 from tqdm import tqdm
 
-from leangen.convert import Transform
+from leangen.checkpoint.convert import Transform
 
 DEFAULT_STAGING_BYTES = 64 << 20
 
@@ -73,7 +73,7 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 # Called once per module, children before parents, when its tensors are final; may
-# replace the module's parameters (leangen.quantize.Quantizer does).
+# replace the module's parameters (leangen.quant.quantize.Quantizer does).
 FinishModule = Callable[[str, torch.nn.Module], None]
 
 

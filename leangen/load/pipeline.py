@@ -11,20 +11,20 @@ from typing import TYPE_CHECKING, Any, Callable, Union
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from leangen.buffers import check_no_meta, materialise_buffers
 from leangen.checkpoint import CheckpointPath, open_raw
-from leangen.convert import Geometry, Transform
+from leangen.checkpoint.convert import Geometry, Transform
+from leangen.checkpoint.view import Checkpoint, open_checkpoint
 from leangen.errors import ConfigError, ConversionError, LeangenError
-from leangen.hf_config import builder_for, check_model, parse_config
-from leangen.move import chain, move_to_device
-from leangen.prepack import Prepacker
-from leangen.quant_cache import CacheSetting, open_cache
-from leangen.quantize import QuantSetting, Quantizer
-from leangen.rope import match_stored_layout, qk_layout
-from leangen.view import Checkpoint, open_checkpoint
+from leangen.hf.config import builder_for, check_model, parse_config
+from leangen.load.buffers import check_no_meta, materialise_buffers
+from leangen.load.move import chain, move_to_device
+from leangen.load.prepack import Prepacker
+from leangen.load.rope import match_stored_layout, qk_layout
+from leangen.quant.cache import CacheSetting, open_cache
+from leangen.quant.quantize import Quantizer, QuantSetting
 
 if TYPE_CHECKING:
-    from leangen.parallel import TensorParallel
+    from leangen.parallel.tensor_parallel import TensorParallel
 
 Builder = Union[str, Callable[..., torch.nn.Module], DictConfig]
 # assign's hook: (name, the meta parameter) -> the final tensor to install, or None.
@@ -63,31 +63,31 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
       difference is a ConversionError, or a warning with ``strict_config=False``.
     - ``dtype="auto"`` keeps the stored dtype: on CPU every parameter is then the file's
       mmap, q/k included. For HF's rotate-half q/k rows the model's torchtune RoPE is
-      wrapped in ``leangen.rope.RotateHalf`` instead of the rows being permuted, so the
+      wrapped in ``leangen.load.rope.RotateHalf`` instead of the rows being permuted, so the
       model's ``state_dict()`` is leangen's own (torchtune names, q/k rows as stored);
       ``load_tensors`` gives torchtune's layout.
     - ``rope_positions``: build the RoPE cache for that many positions (e.g. the KV-cache
       length; at most the builder's ``max_seq_len``); a forward that needs more is an error.
     - ``on_stage(name, **made)``, if given, is called after each stage
       (``benchmarks/load_profile.py`` times them).
-    - ``quantize`` (None, "int8", "int4" or a ``leangen.quantize.QuantSpec``): weight-only
+    - ``quantize`` (None, "int8", "int4" or a ``leangen.quant.quantize.QuantSpec``): weight-only
       torchao quantization of every Linear, the output included (a tied one gets its own
       quantized copy), layer by layer as tensors are moved, so the full-precision model is
       never resident. ``model.leangen_quantized`` is then ``{"quantized": n, "skipped": m}``
       (skipped layers stay in full precision), else None.
     - ``prepack=True`` (CPU, bf16/fp32): the Linears that stay in full precision are copied
-      into oneDNN's blocked layout (``leangen.prepack``): decode is faster, but those
+      into oneDNN's blocked layout (``leangen.load.prepack``): decode is faster, but those
       weights then take anonymous memory instead of being the file's mmap.
       ``model.leangen_prepacked`` counts them (None when off).
     - ``quantize_cache`` (None, "auto" or a folder; only with ``quantize``): the quantized
       weights are written once to ``<folder>/<entry>.safetensors`` ("auto":
       ``$XDG_CACHE_HOME/leangen``, else ``~/.cache/leangen``), and later loads with the
-      same key mmap them instead of quantizing (``leangen.quant_cache``).
+      same key mmap them instead of quantizing (``leangen.quant.cache``).
       ``model.leangen_quant_cache`` is ``{"status": "hit" | "written" | "off", "file": path}``.
-    - ``parallel``: a ``leangen.parallel.TensorParallel`` (under torchrun): the meta model
+    - ``parallel``: a ``leangen.parallel.tensor_parallel.TensorParallel`` (under torchrun): the meta model
       is sharded by its plan and this rank reads only its rows or columns of each
       sharded tensor (DTensor parameters); the rest is replicated. With ``quantize``,
-      each rank quantizes its own shards (``leangen.parallel_quant``; the counts are the
+      each rank quantizes its own shards (``leangen.quant.sharded``; the counts are the
       rank's) and ``quantize_cache`` is off.
 
     Returns the model in eval mode on ``device``, nothing on meta, with the parsed
