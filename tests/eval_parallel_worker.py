@@ -14,7 +14,7 @@ from leangen.eval import main
 from leangen.evaluation import perplexity
 
 
-def fail(model, rows):
+def fail(model, rows, targets):
     if os.environ.get("LEANGEN_TEST_FAIL") == "hang":
         time.sleep(3600)
     raise LeangenError("injected failure while scoring")
@@ -22,5 +22,5 @@ def fail(model, rows):
 
 if __name__ == "__main__":
     if os.environ.get("RANK") == os.environ.get("LEANGEN_TEST_FAIL_RANK", "1"):
-        perplexity.padded_logits = fail
+        perplexity.score_rows = fail
     sys.exit(main())

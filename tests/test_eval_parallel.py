@@ -161,17 +161,17 @@ def test_rank_0_names_the_ranks_that_missed_the_barrier():
                                "This is typically caused by a remote worker crashing.")
 
 
-def test_adapter_splits_batches_and_refuses_ranks_with_other_requests(monkeypatch):
-    from types import SimpleNamespace
-
+def test_ranks_split_batches_and_refuse_ranks_with_other_inputs(monkeypatch):
     from leangen.errors import LeangenError
-    from leangen.evaluation import lm_eval_adapter
-    from leangen.evaluation.lm_eval_adapter import LeangenLM
+    from leangen.evaluation import scoring
     from leangen.parallel.ranks import Ranks
 
-    lm = SimpleNamespace(ranks=Ranks(1, 3, 1))
-    assert LeangenLM._share(lm, list(range(8))) == [1, 4, 7]
-    monkeypatch.setattr(lm_eval_adapter, "all_gather_object",
+    ranks = Ranks(1, 3, 1)
+    assert scoring.my_share(list(range(8)), ranks) == [1, 4, 7]
+    monkeypatch.setattr(scoring, "all_gather_object",
                         lambda obj, what: [obj, ("another digest", {1: "b"}), obj])
-    with pytest.raises(LeangenError, match=r"ranks \[1\] built other requests than rank 0"):
-        LeangenLM._gather(lm, {0: "a"}, "lm-eval loglikelihood", lambda: [[1, 2]])
+    with pytest.raises(LeangenError, match=r"^lm-eval x: ranks \[1\] built other inputs than rank 0"):
+        scoring.gather_answers({0: "a"}, ranks, "lm-eval x", lambda: [[1, 2]])
+    monkeypatch.setattr(scoring, "all_gather_object",
+                        lambda obj, what: [(obj[0], {i: str(i)}) for i in range(3)])
+    assert scoring.gather_answers({1: "1"}, ranks, "x", lambda: [[1, 2]]) == {0: "0", 1: "1", 2: "2"}

@@ -24,7 +24,6 @@ module only once ``lm_eval`` is known to import.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import re
 from typing import Any
@@ -38,9 +37,10 @@ from tqdm import tqdm
 from leangen.decode.generation import Completions, complete
 from leangen.decode.sampling import sample
 from leangen.decode.text import IncrementalDecoder, resolve_add_bos, tokenize
-from leangen.errors import ConfigError, LeangenError
-from leangen.evaluation.perplexity import Throughput, padded_logits, token_logprobs
-from leangen.parallel.ranks import Ranks, all_gather_object
+from leangen.errors import ConfigError
+from leangen.evaluation.perplexity import Throughput
+from leangen.evaluation.scoring import Targets, gather_answers, my_share, score_rows
+from leangen.parallel.ranks import Ranks
 
 # A request is ((context, continuation) or None, context ids, continuation ids).
 Request = tuple[Any, list[int], list[int]]
@@ -130,43 +130,20 @@ class LeangenLM(TemplateLM):
         """
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
         batches = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
-        mine = self._share(batches)
+        mine = my_share(batches, self.ranks)
         answers: dict[int, tuple[float, bool]] = {}
         bar = tqdm(total=sum(map(len, mine)), desc="loglikelihood", disable=disable_tqdm or not self.ranks.is_main)
         for batch in mine:
             answers.update(zip(batch, self._score_batch([requests[i] for i in batch])))
             bar.update(len(batch))
         bar.close()
-        answers = self._gather(answers, "lm-eval loglikelihood",
-                               lambda: [(r[1], r[2]) for r in requests])
+        answers = gather_answers(answers, self.ranks, "lm-eval loglikelihood results",
+                                 lambda: [(r[1], r[2]) for r in requests])
         results = [answers[i] for i in range(len(requests))]
         for request, answer in zip(requests, results):
             if request[0] is not None:
                 self.cache_hook.add_partial("loglikelihood", request[0], answer)
         return results
-
-    # -- data-parallel ranks ----------------------------------------------------------
-
-    def _share(self, batches: list) -> list:
-        """This rank's batches: every ``world_size``-th, starting at its rank."""
-        return batches[self.ranks.rank::self.ranks.world_size]
-
-    def _gather(self, answers: dict[int, Any], what: str, requests) -> dict[int, Any]:
-        """Every rank's answers, by request index, on every rank. ``requests()`` (called
-        only on several ranks) gives what the answers depend on: the ranks must have built
-        the same requests in the same order, or they would hand back each other's answers."""
-        if not self.ranks.distributed:
-            return answers
-        digest = hashlib.sha256(repr(requests()).encode()).hexdigest()
-        parts = all_gather_object((digest, answers), f"gathering the {what} results")
-        if any(d != digest for d, _ in parts):
-            differ = [rank for rank, (d, _) in enumerate(parts) if d != parts[0][0]]
-            raise LeangenError(f"{what}: ranks {differ} built other requests than rank 0; "
-                               "every rank must see the same tasks, data and config.")
-        merged: dict[int, Any] = {}
-        for _, part in parts:
-            merged.update(part)
-        return merged
 
     def _score_batch(self, batch: list[Request]) -> list[tuple[float, bool]]:
         for _, _, continuation in batch:
@@ -175,16 +152,12 @@ class LeangenLM(TemplateLM):
                                   f"with max_seq_len={self.max_length}: raise max_seq_len.")
         # the last token is only predicted, never read
         rows = [(context + continuation)[-(self.max_length + 1):][:-1] for _, context, continuation in batch]
+        targets = [Targets(len(row) - len(continuation), continuation)
+                   for row, (_, _, continuation) in zip(rows, batch)]
         with self.throughput:
-            logits = padded_logits(self.model, rows)
-            answers = []
-            for (_, _, continuation), row, row_logits in zip(batch, rows, logits):
-                predicting = row_logits[len(row) - len(continuation):len(row)]
-                targets = torch.tensor(continuation, device=predicting.device)
-                logprob = float(token_logprobs(predicting, targets).sum())
-                answers.append((logprob, bool((predicting.argmax(-1) == targets).all())))
+            scores = score_rows(self.model, rows, targets)
         self.throughput.tokens += sum(map(len, rows))
-        return answers
+        return [(float(s.logprobs.sum()), s.greedy) for s in scores]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Each whole text scored once, after the prefix token, in disjoint windows of
@@ -225,7 +198,7 @@ class LeangenLM(TemplateLM):
             indices.sort(key=lambda i: -len(prompts[i]))
             batches += [(kwargs, indices[start:start + self.batch_size])
                         for start in range(0, len(indices), self.batch_size)]
-        mine = self._share(batches)
+        mine = my_share(batches, self.ranks)
         texts: dict[int, str] = {}
         bar = tqdm(total=sum(len(b) for _, b in mine), desc="generate_until",
                    disable=disable_tqdm or not self.ranks.is_main)
@@ -233,7 +206,8 @@ class LeangenLM(TemplateLM):
             texts.update(zip(batch, self._generate_batch([prompts[i] for i in batch], kwargs)))
             bar.update(len(batch))
         bar.close()
-        texts = self._gather(texts, "lm-eval generate_until", lambda: [r.args for r in requests])
+        texts = gather_answers(texts, self.ranks, "lm-eval generate_until results",
+                               lambda: [r.args for r in requests])
         results = [texts[i] for i in range(len(requests))]
         for request, text in zip(requests, results):
             self.cache_hook.add_partial("generate_until", request.args, text)

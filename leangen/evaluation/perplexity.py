@@ -1,7 +1,6 @@
 """Perplexity of a decoder on token sequences, scored in sliding windows.
 
-The definition (issue 4, and the sliding-window method of transformers'
-perplexity guide):
+The definition (the sliding-window method of transformers' perplexity guide):
 
 - the model sees windows of at most ``max_seq_len`` tokens, starting every
   ``stride`` tokens, until a window reaches the end of the sequence;
@@ -12,7 +11,9 @@ perplexity guide):
 - ``ppl = exp(sum NLL / scored tokens)``, the NLL from a float32 log-softmax.
 
 Windows from all sequences are batched together, right-padded, with no KV cache:
-causal attention means a real position never sees the padding after it.
+causal attention means a real position never sees the padding after it. The
+log-probabilities come from ``leangen.evaluation.scoring``, which never holds a
+batch's full logits.
 """
 
 from __future__ import annotations
@@ -23,14 +24,10 @@ from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from leangen.parallel.ranks import Ranks, all_gather_object
-
-# Positions per float32 log-softmax call: bounds the float32 copy of the logits
-# (1024 x a 128k vocabulary is 0.5 GB) whatever the window and batch sizes.
-_LOGSOFTMAX_CHUNK = 1024
+from leangen.evaluation.scoring import Targets, gather_answers, my_share, score_rows
+from leangen.parallel.ranks import Ranks
 
 
 class Window(NamedTuple):
@@ -110,52 +107,25 @@ def perplexity(model: torch.nn.Module, sequences: list[list[int]], *, max_seq_le
     """
     stride = stride or max_seq_len
     plan = [w for i, seq in enumerate(sequences) for w in windows(len(seq), max_seq_len, stride, i)]
-    batches = list(_batches(list(enumerate(plan)), batch_size))[ranks.rank::ranks.world_size]
+    batches = my_share(list(_batches(list(enumerate(plan)), batch_size)), ranks)
     throughput = throughput if throughput is not None else Throughput()
     nll: dict[int, float] = {}  # window index in the plan -> summed NLL of its scored tokens
     total = sum(map(len, batches))
     with tqdm(total=total, desc="perplexity", unit="window", disable=not progress or not ranks.is_main) as bar:
         for batch in batches:
             rows = [sequences[w.seq][w.begin:w.end] for _, w in batch]
+            # the logits at window position p predict token p + 1 of the window
+            targets = [Targets(w.first - w.begin - 1, sequences[w.seq][w.first:w.end]) for _, w in batch]
             with throughput:
-                logits = padded_logits(model, rows)
-                for (index, w), row_logits in zip(batch, logits):
-                    # logits at position p predict token p + 1 of the window
-                    targets = torch.tensor(sequences[w.seq][w.first:w.end], device=row_logits.device)
-                    predicting = row_logits[w.first - w.begin - 1:w.end - w.begin - 1]
-                    nll[index] = -float(token_logprobs(predicting, targets).sum())
+                scores = score_rows(model, rows, targets)
+            nll.update((index, -float(s.logprobs.sum())) for (index, _), s in zip(batch, scores))
             throughput.tokens += sum(len(r) for r in rows)
             bar.update(len(batch))
-    if ranks.distributed:
-        for part in all_gather_object(nll, "gathering the perplexity windows' scores"):
-            nll.update(part)
+    nll = gather_answers(nll, ranks, "perplexity windows' scores", lambda: (plan, sequences))
     scores = [Score() for _ in sequences]
     for index, w in enumerate(plan):  # Python floats: float64 sums, in one fixed order
         scores[w.seq].add(Score(nll[index], w.end - w.first))
     return scores
-
-
-def padded_logits(model: torch.nn.Module, rows: list[list[int]]) -> torch.Tensor:
-    """Logits [batch, longest row, vocab] for rows right-padded with token 0.
-
-    Without a KV cache torchtune's decoder applies plain causal attention, so the
-    padding after a row never reaches that row's real positions.
-    """
-    device = next(model.parameters()).device
-    tokens = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long, device=device)
-    for i, row in enumerate(rows):
-        tokens[i, :len(row)] = torch.tensor(row, device=device)
-    return model(tokens)
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) at each position, [n, vocab] x [n] -> [n], via a float32 log-softmax."""
-    out = [
-        F.log_softmax(logits[i:i + _LOGSOFTMAX_CHUNK].float(), dim=-1)
-        .gather(-1, targets[i:i + _LOGSOFTMAX_CHUNK, None]).squeeze(-1)
-        for i in range(0, len(targets), _LOGSOFTMAX_CHUNK)
-    ]
-    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
