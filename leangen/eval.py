@@ -15,7 +15,9 @@ model on its own device, the perplexity windows and the lm-eval requests are spl
 the ranks in batches, and every result is gathered, so the numbers are those of one
 process. Only rank 0 prints and writes ``output_file``.
 
-Results go to stdout and to ``output_file`` as JSON::
+Results go to stdout and to ``output_file`` as JSON (written to a temp file and renamed,
+so an interrupted run never leaves half a file; its absolute path is printed on stderr as
+``results: PATH``)::
 
     {"perplexity": {"<file>": {"ppl", "nll", "tokens"}, ..., "all": {...}} | null,
      "lm_eval": {"results": {...}, "versions": ..., "n-shot": ..., ...} | null,
@@ -55,6 +57,7 @@ from leangen.recipe.components import (
     tokenizer_from_config,
 )
 from leangen.recipe.metrics import peak_host_rss_bytes, quant_cache_metrics, summary
+from leangen.recipe.outputs import write_result
 
 
 @dataclass
@@ -131,8 +134,9 @@ class EvalRecipe:
             return results
         _print_results(results)
         if cfg.output_file:
-            output_path("output_file", cfg.output_file).write_text(
-                json.dumps(results, indent=2, default=str) + "\n")
+            path = output_path("output_file", cfg.output_file).resolve()
+            write_result(path, json.dumps(results, indent=2, default=str) + "\n")
+            print(f"results: {path}", file=sys.stderr)
         print(summary(self.metrics), file=sys.stderr)
         return results
 

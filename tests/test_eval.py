@@ -174,6 +174,33 @@ def test_tune_run_finds_the_recipe(tmp_path):
     assert "counting.txt" in proc.stdout and json.loads(out.read_text())["lm_eval"] is None
 
 
+def test_results_are_written_whole_and_their_path_is_printed(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "~lm_eval", "output_file=results.json")
+    assert code == 0, err
+    lines = err.strip().splitlines()
+    assert lines[-2] == f"results: {tmp_path.resolve() / 'results.json'}"
+    assert "peak host RSS" in lines[-1]  # the summary stays the last line
+    assert json.loads((tmp_path / "results.json").read_text())["perplexity"]["all"]["tokens"] == 171
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temp file left
+
+
+def test_an_interrupted_results_write_keeps_the_old_file(tmp_path, capsys, monkeypatch):
+    from leangen.recipe import outputs
+
+    def interrupted(part, path):
+        raise KeyboardInterrupt  # Ctrl-C as the file is renamed into place
+
+    out = tmp_path / "results.json"
+    out.write_text("old\n")
+    monkeypatch.setattr(outputs.os, "replace", interrupted)
+    code, _, err = run(capsys, "~lm_eval", f"output_file={out}")
+    assert code == 130, err
+    assert out.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    assert "results:" not in err
+
+
 # -- one-line errors ------------------------------------------------------------------
 
 def assert_one_line_error(code, err, *fragments):

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from leangen.recipe.outputs import ResultFile, write_result
+from leangen.recipe.outputs import ResultFile, atomic_path, write_result
 
 
 def test_lines_reach_the_file_only_on_close_and_replace_the_old_one(tmp_path):
@@ -49,3 +49,26 @@ def test_a_new_file_gets_the_usual_mode_and_an_old_one_keeps_its_own(tmp_path):
         os.umask(umask)
     assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o644
     assert old.stat().st_mode & 0o777 == 0o600 and old.read_text() == "{}"
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_part(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text("old\n")
+    with pytest.raises(UnicodeEncodeError):
+        write_result(path, '{"text": "' + "x" * 100_000 + '\ud800"}')  # fails after 100 kB
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_an_interrupted_writer_leaves_no_file_and_no_part(tmp_path):
+    path = tmp_path / "cache.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(path) as part:
+            with open(part, "w") as f:
+                f.write('{"half": ')
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    with atomic_path(path) as part:
+        with open(part, "w") as f:
+            f.write("whole")
+    assert path.read_text() == "whole" and [p.name for p in tmp_path.iterdir()] == [path.name]

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Iterator
 
 
 class ResultFile:
@@ -19,9 +21,7 @@ class ResultFile:
 
     def __init__(self, path: Path):
         self.path = path
-        fd, self._part = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.",
-                                          suffix=".part")
-        os.fchmod(fd, _mode_for(path))  # mkstemp's 0600 would make the result private
+        fd, self._part = _new_part(path)
         self._file = os.fdopen(fd, "w", encoding="utf-8")
         self.lines = 0
 
@@ -48,9 +48,34 @@ class ResultFile:
 
 
 def write_result(path: Path, text: str) -> None:
-    """A whole file at once, replaced atomically."""
-    with ResultFile(path) as result:
-        result.write(text)
+    """A whole file at once, replaced atomically: ``path`` holds its old content or all of
+    ``text``, never a part, even when the write fails or is interrupted."""
+    with atomic_path(path) as part:
+        Path(part).write_text(text, encoding="utf-8")
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[str]:
+    """``with atomic_path(path) as part: <write the file part>``, by any writer (json,
+    safetensors' ``save_file``): ``part`` is renamed over ``path`` when the block ends,
+    and removed if it raises (Ctrl-C included), so ``path`` is never half-written."""
+    fd, part = _new_part(path)
+    os.close(fd)
+    try:
+        yield part
+        os.replace(part, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(part)
+        raise
+
+
+def _new_part(path: Path) -> tuple[int, str]:
+    """An empty temp file beside ``path`` (a rename across file systems would copy), with
+    the mode ``path`` will have: mkstemp's 0600 would make the result private."""
+    fd, part = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".part")
+    os.fchmod(fd, _mode_for(path))
+    return fd, part
 
 
 def _mode_for(path: Path) -> int:
