@@ -5,7 +5,7 @@ A batch of right-padded rows runs through the decoder once, up to its final hidd
 states ``[batch, seq, dim]``. The output projection then runs only on the positions
 that predict a scored token, a few at a time, each chunk followed by its float32
 log-softmax. So the ``[batch, seq, vocab]`` logits never exist: at a 128k vocabulary
-they are 8.4 GB for 8 windows of 2048 tokens, against 128 MB per chunk here.
+they are 8.4 GB for 8 windows of 2048 tokens, against 64 MB per chunk here.
 
 torchtune's own ``set_num_output_chunks`` does not help: ``chunked_output`` returns all
 the chunks at once, which together are the full logits.
@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from leangen.errors import LeangenError
 from leangen.parallel.ranks import Ranks, all_gather_object
 
-# Logits per chunk of positions (float32: 128 MB): 256 positions of a 128k vocabulary.
-_LOGIT_ELEMENTS = 1 << 25
+# Logits per chunk of positions (float32: 64 MB, and as much again for their log-softmax):
+# 128 positions of a 128k vocabulary, still enough rows for an efficient matmul.
+_LOGIT_ELEMENTS = 1 << 24
 
 
 class Targets(NamedTuple):
