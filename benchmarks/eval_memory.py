@@ -9,9 +9,9 @@ a fresh process on a text of exactly one batch of windows (``batch_size`` window
 ``max_seq_len=2048`` tokens: the peak is per batch, so more text adds time, not memory):
 
 - ``leangen``: the recipe as shipped, at its default batch of 8 and at batch 1;
-- ``full-logits``: the same process with perplexity's scoring replaced by what it did
-  before: the whole ``[batch, seq, vocab]`` logits of a batch, float32, log-softmaxed in
-  chunks of 1024 positions. Only at batch 1 and 2: at batch 8 they alone are 8.4 GB
+- ``full-logits``: the same process with perplexity's scoring replaced by the plain
+  ``model(tokens)`` way: the whole ``[batch, seq, vocab]`` logits of a batch, float32,
+  log-softmaxed in chunks of 1024 positions. Only at batch 1 and 2: at batch 8 they alone are 8.4 GB
   (plus 4.2 GB of bf16 logits before torchtune's ``.float()``), more than a shared
   machine should be asked for.
 
@@ -130,7 +130,7 @@ def child(method: str, recipe_args: list[str]) -> None:
 
 
 def full_logits_scores(model, rows, targets):
-    """Perplexity's scoring as it was: the batch's whole logits, then a float32
+    """Scoring from ``model(tokens)``: the batch's whole logits, then a float32
     log-softmax over 1024 positions at a time."""
     import torch
     import torch.nn.functional as F
@@ -166,8 +166,8 @@ def write_report(out: Path, model, model_bytes: int, rows: list[dict]) -> None:
         f"{gb(model_bytes)} GB of weights. Each run: `python -m leangen.eval --config eval_auto` "
         f"(dtype auto = bf16, max_seq_len {WINDOW}) on a text of exactly `batch_size` windows, in a "
         "fresh process. `leangen` is the recipe as shipped; `full-logits` replaces its scoring "
-        "with one that holds a batch's whole [batch, seq, vocab] float32 logits, as leangen's eval "
-        "did before it scored in chunks.",
+        "with a plain `model(tokens)`, which holds a batch's whole [batch, seq, vocab] float32 "
+        "logits.",
         "",
         "| method | batch_size | windows | peak RSS (ru_maxrss) GB | VmHWM GB | ppl | scored tokens | wall s |",
         "|---|---|---|---|---|---|---|---|",
