@@ -79,7 +79,7 @@ class LmEvalConfig:
 
 @dataclass
 class EvalConfig(ModelKeys):
-    """The recipe's keys; README "Evaluate" documents each, --help lists them."""
+    """The recipe's keys; docs/configuration.md#eval-keys documents each, --help lists them."""
 
     RECIPE: ClassVar[str] = "eval"  # --help and --list-configs show this recipe's configs
 
@@ -250,8 +250,8 @@ def _read_text(path: str) -> str:
 
 
 def _tokenize(path: str, text: str, tokenizer, add_bos: str) -> list[int]:
-    """The text as one sequence, BOS as ``add_bos`` says, no EOS: what the README's
-    "Perplexity, exactly" promises."""
+    """The text as one sequence, BOS as ``add_bos`` says, no EOS: what
+    docs/evaluation.md#perplexity promises."""
     tokens = tokenize(text, tokenizer, add_bos=add_bos).tokens
     if len(tokens) < 2:
         raise ConfigError(

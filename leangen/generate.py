@@ -50,7 +50,7 @@ from leangen.recipe.outputs import ResultFile, write_result
 
 @dataclass
 class GenerateConfig(ModelKeys):
-    """The recipe's keys; README "Configuration" documents each, --help lists them."""
+    """The recipe's keys; docs/configuration.md#generate-keys documents each, --help lists them."""
 
     RECIPE: ClassVar[str] = "generate"
 

@@ -327,7 +327,7 @@ def _error_line(e: BaseException) -> str:
 def quiet_known_warnings() -> None:
     """torchtune 0.6.1's RMSNorm hands F.rms_norm fp32 activations with a bf16 weight,
     which torch 2.13 reports once per process in the middle of the streamed text. The
-    result is correct (the unfused path; README "Warnings" gives its cost), so the
+    result is correct (the unfused path; docs/troubleshooting.md#warnings gives its cost), so the
     recipes, which own their process, hide it. API users keep their own filters."""
     warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight",
                             category=UserWarning)

@@ -59,7 +59,7 @@ def set_threads(threads: Optional[int]) -> int:
     """Set torch's intra-op threads when the config asks; returns the number in use.
 
     On a machine busy with other work, fewer threads than cores avoids OpenMP workers
-    spinning against the other job (README "Busy machines")."""
+    spinning against the other job (docs/performance.md#threads-and-busy-machines)."""
     if threads is not None:
         if threads < 1:
             raise ConfigError(f"threads={threads}: give at least 1, or null for torch's choice.")
