@@ -1,7 +1,6 @@
 """Perplexity of a decoder on token sequences, scored in sliding windows.
 
-The definition (issue 4, and the sliding-window method of transformers'
-perplexity guide):
+The definition (the sliding-window method of transformers' perplexity guide):
 
 - the model sees windows of at most ``max_seq_len`` tokens, starting every
   ``stride`` tokens, until a window reaches the end of the sequence;
