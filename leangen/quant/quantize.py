@@ -191,7 +191,8 @@ class Quantizer:
                 found[prefix] = module.weight.shape if self.config(module) is not None else None
         output = output_projection(model)
         if output is not None and output.tied:
-            linear = linear_holding(output.weight)
+            rows, cols = output.weight.shape
+            linear = torch.nn.Linear(cols, rows, bias=False, device="meta")  # its shape is all config reads
             found[output.name] = linear.weight.shape if self.config(linear) is not None else None
         return found
 
