@@ -73,3 +73,12 @@ def test_tied_output_is_prepacked(tiny_checkpoint, family):
     assert not any(type(m) is torch.nn.Linear for m in packed.modules())
     assert _mapped_file(packed.tok_embeddings.weight) is not None
     torch.testing.assert_close(_logits(packed), _logits(plain), atol=1e-4, rtol=1e-4)
+
+
+def test_gemma2_output_comes_back_from_the_quantized_cache(tiny_checkpoint, tmp_path):
+    ckpt = tiny_checkpoint("gemma2")
+    written = _load(ckpt, quantize="int8", quantize_cache=tmp_path)
+    hit = _load(ckpt, quantize="int8", quantize_cache=tmp_path)
+    assert (written.leangen.quant_cache["status"], hit.leangen.quant_cache["status"]) == ("written", "hit")
+    assert hit.leangen.quantized == written.leangen.quantized == {"quantized": 2 * 7 + 1, "skipped": 0}
+    torch.testing.assert_close(_logits(hit), _logits(written), atol=0, rtol=0)
