@@ -1,4 +1,5 @@
-"""Peak anonymous memory of a first quantized load, against issue #10's bound.
+"""Peak anonymous memory of a first quantized load, against its bound: the quantized
+weights plus the largest Linear in full precision (what streaming one Linear at a time promises).
 
     python -m benchmarks.quant_memory [--folder DIR] [--kind int8 int4] [--repeat 1] [--chunk-mib N]
 
@@ -108,7 +109,7 @@ def child(folder: str, kind: str, chunk_mib: int | None) -> dict:
     return {"kind": kind, "seconds": seconds, "cpu_seconds": cpu, "peak_anon": meter.peak - base,
             "peak_step": meter.peak_step, "after_anon": _rss_anon() - base,
             "quantized_bytes": anon_params, "largest_linear_bf16": largest,
-            "bound": anon_params + largest + SLACK, "counts": model.leangen_quantized}
+            "bound": anon_params + largest + SLACK, "counts": model.leangen.quantized}
 
 
 def main(argv=None) -> None:

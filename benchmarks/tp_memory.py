@@ -82,6 +82,7 @@ def _load_full(checkpoint: str, parallel, model_type: str):
     from torchtune import training
     from torchtune.training import FullModelHFCheckpointer
 
+    from leangen.checkpoint import read_config
     from leangen.checkpoint.convert import Geometry
     from leangen.hf.config import builder_for, parse_config
     from leangen.load.pipeline import build_on_meta
@@ -90,7 +91,7 @@ def _load_full(checkpoint: str, parallel, model_type: str):
     with tempfile.TemporaryDirectory() as out:
         state = FullModelHFCheckpointer(checkpoint_dir=checkpoint, checkpoint_files=files, model_type=model_type,
                                         output_dir=out).load_checkpoint()[training.MODEL_KEY]
-    config = parse_config(json.loads((Path(checkpoint) / "config.json").read_text()))
+    config = parse_config(read_config(Path(checkpoint)))
     builder, kwargs = builder_for(config)
     dtype = next(iter(state.values())).dtype
     with training.set_default_dtype(dtype):

@@ -3,8 +3,9 @@
 import logging
 
 # torchao (imported by torchtune) warns at import that its C++ kernels don't match this
-# torch build; they serve quantization only, which leangen does not use. Keep recipes' stderr
-# for leangen's own summary.
+# torch build. leangen's int8/int4 paths do not need them: CPU int8 runs through
+# aten._weight_int8pack_mm (leangen.quant.int8_kernel) and int4 through torch's own packed
+# kernels. Keep recipes' stderr for leangen's own summary.
 logging.getLogger("torchao").setLevel(logging.ERROR)
 
 from leangen.checkpoint.view import Checkpoint, load_tensors, open_checkpoint

@@ -34,7 +34,6 @@ the ranks', and ``tokens_per_second`` is all ranks' tokens over the longest rank
 # would look the dataclasses' string annotations up in the wrong module.
 import json
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, List, Optional
@@ -46,18 +45,17 @@ from leangen.decode.text import resolve_add_bos, tokenize
 from leangen.errors import ConfigError
 from leangen.evaluation.lm_eval_tasks import load_tasks
 from leangen.evaluation.perplexity import Score, Throughput, perplexity
-from leangen.load.pipeline import resolve_device
-from leangen.parallel.ranks import all_gather_object, rank_device, ranks_from_env, start
+from leangen.parallel.ranks import all_gather_object
 from leangen.recipe.cli import config_key, output_path, parse_args, run_recipe
 from leangen.recipe.components import (
     ModelKeys,
     model_from_config,
     quant_spec,
-    set_threads,
     tokenizer_from_config,
 )
-from leangen.recipe.metrics import peak_host_rss_bytes, quant_cache_metrics, summary
+from leangen.recipe.metrics import load_metrics, peak_host_rss_bytes, summary
 from leangen.recipe.outputs import write_result
+from leangen.recipe.setup import Placement
 
 
 @dataclass
@@ -95,13 +93,12 @@ class EvalConfig(ModelKeys):
 
 class EvalRecipe:
     def __init__(self, cfg: DictConfig):
-        ranks = ranks_from_env()
-        self.device = resolve_device(rank_device(cfg.device, ranks))  # auto, cuda: cuda:LOCAL_RANK
-        self.ranks = start(self.device, ranks)  # a process group when torchrun started several
+        placement = Placement.from_config(cfg)
+        self.ranks, self.device = placement.ranks, placement.device
         if not self.ranks.is_main:
             _quiet_progress()
         self.throughput = Throughput()
-        self.metrics: dict[str, Any] = {"threads": set_threads(cfg.threads)}
+        self.metrics: dict[str, Any] = {"threads": placement.threads}
 
     def setup(self, cfg: DictConfig) -> None:
         """Everything that can fail on the user's input fails here, before any scoring starts."""
@@ -113,10 +110,8 @@ class EvalRecipe:
                           for path, text in texts.items()}
         # the tasks' datasets load now, so a missing one fails before the model loads
         self.task_dict = load_tasks(cfg.lm_eval) if cfg.lm_eval else None
-        start = time.perf_counter()
         self.model = model_from_config(cfg, self.device, positions=cfg.max_seq_len)  # windows, requests
-        self.metrics["load_seconds"] = time.perf_counter() - start
-        self.metrics.update(quant_cache_metrics(self.model))
+        self.metrics.update(load_metrics(self.model))
         limit, why = context_limit(self.model)
         if cfg.max_seq_len > limit:
             raise ConfigError(f"max_seq_len={cfg.max_seq_len} is more than {why}; set "

@@ -27,25 +27,24 @@ from leangen.decode.generation import Completions, check_fits, complete
 from leangen.decode.sampling import check_sampling, sample
 from leangen.decode.text import IncrementalDecoder, Prompt, prompts_from_config
 from leangen.errors import ConfigError, Interrupted
-from leangen.load.pipeline import resolve_device
-from leangen.parallel import ranks as distributed
+from leangen.parallel.ranks import Ranks
 from leangen.recipe.cli import config_key, output_path, parse_args, run_recipe
 from leangen.recipe.components import (
     ModelKeys,
     compile_decode,
     model_from_config,
     quant_spec,
-    set_threads,
     tokenizer_from_config,
 )
 from leangen.recipe.metrics import (
+    load_metrics,
     model_bytes,
     peak_device_bytes,
     peak_host_rss_bytes,
-    quant_cache_metrics,
     summary,
 )
 from leangen.recipe.outputs import ResultFile, write_result
+from leangen.recipe.setup import Placement
 
 
 @dataclass
@@ -81,13 +80,12 @@ class GenerateConfig(ModelKeys):
 
 class GenerateRecipe:
     def __init__(self, cfg: DictConfig):
-        self.ranks = distributed.ranks_from_env()  # one process unless torchrun started several
-        self.device = resolve_device(distributed.rank_device(cfg.device, self.ranks))
-        distributed.start(self.device, self.ranks)
+        placement = Placement.from_config(cfg)
+        self.ranks, self.device = placement.ranks, placement.device
         if cfg.seed is not None:
             torch.manual_seed(cfg.seed)
         self.started = time.perf_counter()
-        self.metrics: dict[str, Any] = {"threads": set_threads(cfg.threads)}
+        self.metrics: dict[str, Any] = {"threads": placement.threads}
 
     def setup(self, cfg: DictConfig) -> None:
         """Everything that can fail on the user's input fails here, before decoding starts."""
@@ -99,10 +97,9 @@ class GenerateRecipe:
             from leangen.parallel.tensor_parallel import TensorParallel
 
             parallel = TensorParallel.start(self.device, cfg.tensor_parallel_plan)
-        start = time.perf_counter()
         longest = max(len(p.tokens) for p in self.prompts) + cfg.max_new_tokens  # the largest KV cache
         self.model = model_from_config(cfg, self.device, positions=longest, parallel=parallel)
-        self.metrics["load_seconds"] = time.perf_counter() - start
+        self.metrics.update(load_metrics(self.model))
         check_fits(self.model, [p.tokens for p in self.prompts], cfg.max_new_tokens)
         self.decode_forward = compile_decode(self.model) if cfg.compile else None
         self.sampler = functools.partial(sample, temperature=cfg.temperature, top_k=cfg.top_k,
@@ -183,9 +180,8 @@ class GenerateRecipe:
             bandwidth_gb_per_s=nbytes * decode_steps / decode_seconds / 1e9 if rate else None,
             peak_host_rss_bytes=peak_host_rss_bytes(),
             peak_device_bytes=peak_device_bytes(self.device),
-            quantized=self.model.leangen_quantized,  # {quantized, skipped} Linear counts, or None
-            prepacked=self.model.leangen_prepacked,  # Linears in oneDNN's layout, or None
-            **quant_cache_metrics(self.model),
+            quantized=self.model.leangen.quantized,  # {quantized, skipped} Linear counts, or None
+            prepacked=self.model.leangen.prepacked,  # Linears in oneDNN's layout, or None
         )
 
 
@@ -205,7 +201,7 @@ def _progress(prompts: list[Prompt], main: bool = True) -> tqdm:
                 disable=not shown, leave=False)
 
 
-def _reject_bad_options(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks()
+def _reject_bad_options(cfg: DictConfig, ranks: Ranks = Ranks()
                         ) -> tuple[Optional[Path], Optional[Path]]:
     """Rejects bad option combinations early; returns the checked output and metrics paths."""
     try:

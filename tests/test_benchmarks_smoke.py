@@ -65,8 +65,8 @@ def tracked_results() -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
-# Enough hogs to fill a small machine's cores, so the runner sees a busy machine (the
-# case of issue 8); capped so that a big CI machine is not flooded.
+# Enough hogs to fill a small machine's cores, so the runner sees a busy machine (it must
+# still finish and report); capped so that a big CI machine is not flooded.
 @pytest.mark.parametrize("hogs", [0, min(os.cpu_count() or 2, 4)], ids=["quiet", "cpu-hog"])
 def test_small_preset_runs_leangen(tmp_path, cache_dir, hogs):
     results_dir = tmp_path / "results"
@@ -176,7 +176,7 @@ def test_cuda_results_render_from_their_json():
 
 
 def test_nproc_reports_each_rank_of_both_loaders(tmp_path, cache_dir):
-    """run.py --nproc 2 (issue 11): per-rank rows for leangen's sharded load and the
+    """run.py --nproc 2: per-rank rows for leangen's sharded load and the
     full-state-dict baseline, and 2 gloo ranks' generate run, in the markdown and the JSON.
 
     Trimmed to the three torchrun launches (each ~10 s here) and no repeats, so that a

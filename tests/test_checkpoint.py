@@ -25,7 +25,7 @@ from tiny_models import (
 
 import leangen
 from leangen import CheckpointError
-from leangen.checkpoint import open_raw, resolve_files
+from leangen.checkpoint import open_raw, read_config, resolve_files
 
 
 def _torchtune_state_dict(family: str, path) -> dict[str, torch.Tensor]:
@@ -198,6 +198,21 @@ def test_invalid_config_json(tiny_checkpoint, tmp_path):
     (tmp_path / "repo" / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
         open_raw(tmp_path / "repo")
+
+
+def test_config_json_that_is_not_an_object(tiny_checkpoint, tmp_path):
+    shutil.copytree(tiny_checkpoint("llama").path, tmp_path / "repo")
+    (tmp_path / "repo" / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="config.json: expected a JSON object, not list"):
+        open_raw(tmp_path / "repo")
+
+
+def test_read_config_falls_back_to_params_json(tmp_path):
+    assert read_config(tmp_path) is None
+    (tmp_path / "params.json").write_text('{"dim": 64}')
+    assert read_config(tmp_path) == {"dim": 64}
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    assert read_config(tmp_path) == {"model_type": "llama"}  # config.json first
 
 
 def test_tensor_stored_twice(tiny_checkpoint, tmp_path):

@@ -84,8 +84,8 @@ def test_auto_kwargs_override_and_config_is_recorded(folder):
     model = leangen.load_model("auto", path, max_seq_len=MAX_SEQ_LEN)
     assert model.max_seq_len == MAX_SEQ_LEN
     # Mistral's sliding window is not refused (torchtune has none): recorded for the recipes.
-    assert model.leangen_config.sliding_window == 4096
-    assert model.leangen_config.model_type == "mistral"
+    assert model.leangen.config.sliding_window == 4096
+    assert model.leangen.config.model_type == "mistral"
 
 
 def test_auto_through_the_recipe_config(folder):
@@ -261,4 +261,4 @@ def test_shipped_demo_passes_the_check():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         model = leangen.load_model(cfg.model, demo_dir())
-    assert model.leangen_config.rope_base == 10000.0
+    assert model.leangen.config.rope_base == 10000.0

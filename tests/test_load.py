@@ -190,6 +190,21 @@ def test_dtype_cast_per_tensor(tiny_checkpoint):
         assert torch.equal(rope[name], b), name
 
 
+def test_model_leangen_reports_the_load(tiny_checkpoint):
+    path, builder, kwargs, _ = tiny_checkpoint("mistral")
+    model = leangen.load_model(builder, path, dtype="bf16", **kwargs)
+    report = model.leangen
+    assert sorted(report.checkpoint) == sorted(str(f) for f in path.glob("*.safetensors"))
+    assert (report.device, report.dtype) == ("cpu", "bfloat16")
+    assert report.config.model_type == "mistral"  # config.json, parsed
+    assert report.seconds > 0
+    assert report.quantization is None and report.quantized is None and report.prepacked is None
+    assert report.quant_cache == {"status": "off", "file": None}
+    quantized = leangen.load_model(builder, path, dtype="bf16", quantize="int8", **kwargs).leangen
+    assert (quantized.quantization.scheme, quantized.quantization.group_size) == ("int8", None)
+    assert quantized.quantized == {"quantized": 2 * 7 + 1, "skipped": 0}  # the layers and the output
+
+
 def test_dtype_auto_keeps_the_stored_dtype(tmp_path):
     hf_model = make_hf_model("qwen2").to(torch.bfloat16)
     hf_model.save_pretrained(tmp_path)

@@ -85,7 +85,7 @@ def test_move_to_device_applies_transform_then_casts():
     assert model.q.dtype == torch.bfloat16 and isinstance(model.q, torch.nn.Parameter)
     assert torch.equal(model.q, Transform(permute_heads=2).apply(q).to(torch.bfloat16))
     assert model.ids.dtype == torch.int64 and model.step.dtype == torch.int64  # integers stay
-    # buffers are moved, never cast: DESIGN's "cast parameters, not buffers" (RoPE stays fp32)
+    # buffers are moved, never cast, as in an eager build: RoPE's cache stays fp32
     assert model.scale.dtype == torch.float32 and torch.equal(model.scale, scale)
 
 

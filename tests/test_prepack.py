@@ -16,7 +16,7 @@ from leangen.load.prepack import PrepackedLinear
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_prepacked_logits_equal_the_plain_model(dtype):
     plain, packed = load_demo(dtype=dtype), load_demo(dtype=dtype, prepack=True)
-    assert packed.leangen_prepacked == 15 and plain.leangen_prepacked is None  # 2x7 + output
+    assert packed.leangen.prepacked == 15 and plain.leangen.prepacked is None  # 2x7 + output
     assert all(type(m) is not torch.nn.Linear for m in packed.modules())
     with torch.no_grad():
         want, got = plain(TOKENS), packed(TOKENS)
@@ -50,8 +50,8 @@ def test_tied_output_gets_a_packed_copy_and_the_embedding_stays_the_mmap(tiny_ch
 
 def test_quantized_layers_are_left_to_torchao():
     model = load_demo(dtype="bf16", quantize="int8", prepack=True)
-    assert model.leangen_quantized == {"quantized": 15, "skipped": 0}
-    assert model.leangen_prepacked == 0
+    assert model.leangen.quantized == {"quantized": 15, "skipped": 0}
+    assert model.leangen.prepacked == 0
 
 
 def test_recipe_prepack_gives_the_golden_tokens(capsys, tmp_path):

@@ -35,7 +35,7 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
 
 
 def status(model: torch.nn.Module) -> str:
-    return model.leangen_quant_cache["status"]
+    return model.leangen.quant_cache["status"]
 
 
 def entries(folder: Path) -> list[Path]:
@@ -70,7 +70,7 @@ def test_a_cached_load_gives_bit_identical_logits(tiny_checkpoint, cache_home, k
     hit = load(ckpt, quantize=kind, quantize_cache="auto")
     assert (status(fresh), status(written), status(hit)) == ("off", "written", "hit")
     assert len(entries(cache_home / "leangen")) == 1
-    assert hit.leangen_quantized == fresh.leangen_quantized == {"quantized": 15, "skipped": 0}
+    assert hit.leangen.quantized == fresh.leangen.quantized == {"quantized": 15, "skipped": 0}
     assert type(hit.output.weight) is type(fresh.output.weight) is not torch.nn.Parameter
     assert torch.equal(logits(hit), logits(fresh)) and torch.equal(logits(written), logits(fresh))
 
@@ -165,7 +165,7 @@ def test_a_folder_can_be_given_and_null_turns_the_cache_off(tiny_checkpoint, cac
     ckpt = tiny_checkpoint("llama3_2")
     model = load(ckpt, quantize="int8", quantize_cache=tmp_path / "mine")
     assert status(model) == "written" and len(entries(tmp_path / "mine")) == 1
-    assert model.leangen_quant_cache["file"] == str(entries(tmp_path / "mine")[0])
+    assert model.leangen.quant_cache["file"] == str(entries(tmp_path / "mine")[0])
     for off in (None, "null"):
         assert status(load(ckpt, quantize="int4", quantize_cache=off)) == "off"
     assert status(load(ckpt, quantize_cache="auto")) == "off"  # nothing quantized, nothing cached

@@ -47,7 +47,7 @@ def fp32_logits():
 ])
 def test_quantized_logits_stay_close_to_full_precision(fp32_logits, kind, dtype, tolerance):
     model = load_demo(quantize=kind, dtype=dtype)
-    assert model.leangen_quantized == {"quantized": 15, "skipped": 0}  # 2x7 + the output
+    assert model.leangen.quantized == {"quantized": 15, "skipped": 0}  # 2x7 + the output
     with torch.no_grad():
         logits = model(TOKENS).float()
     scale = fp32_logits.abs().max()
@@ -85,7 +85,7 @@ def test_int4_group_falls_back_to_the_largest_divisor_else_skips():
     for name, module in model.named_children():
         quantizer(name, module)
     quantizer("", model)
-    assert model.leangen_quantized == {"quantized": 2, "skipped": 1}
+    assert quantizer.counts == {"quantized": 2, "skipped": 1}
     assert model[0].weight.block_size[-1] == 128 and model[1].weight.block_size[-1] == 64
     assert type(model[2].weight) is torch.nn.Parameter  # stays full precision
 
@@ -109,7 +109,7 @@ def test_tied_output_gets_its_own_quantized_copy_and_the_embedding_stays_the_mma
     assert type(embedding) is torch.nn.Parameter
     mapped = _mapped_file(embedding)  # still the file's mmap, not a copy
     assert mapped is not None and mapped[0] in {str(f.resolve()) for f in ckpt.path.glob("*.safetensors")}
-    assert model.leangen_quantized["quantized"] == 2 * 7 + 1
+    assert model.leangen.quantized["quantized"] == 2 * 7 + 1
     tokens = torch.tensor([[1, 5, 9, 17, 33, 65]])
     with torch.no_grad():
         got, want = model(tokens), reference(tokens)
@@ -198,7 +198,7 @@ def test_int8_kernel_takes_a_weight_that_is_not_64_byte_aligned():
     assert torch.equal(linear(x), aligned)
     assert torch.equal(linear(x[:1]), aligned[:1])  # one row: read in place
 
-# -- large Linears are quantized in row chunks (issue #10: the bound on peak memory) -----
+# -- large Linears are quantized in row chunks (peak memory: one chunk's temporaries) ----
 
 def quantized_parts(t: torch.Tensor) -> list:
     """Everything that makes a torchao tensor, recursively: class, flatten context, outer
@@ -276,7 +276,7 @@ def test_no_chunk_handed_to_torchao_is_larger_than_the_chunk_size(tiny_checkpoin
                         or original(module, config))
     ckpt = tiny_checkpoint("llama3_2")
     model = leangen.load_model(ckpt.builder, ckpt.path, quantize="int8", **ckpt.builder_kwargs)
-    assert model.leangen_quantized == {"quantized": 15, "skipped": 0}
+    assert model.leangen.quantized == {"quantized": 15, "skipped": 0}
     assert max(sizes) == 64 and sizes.count(64) > 15  # 128-row layers went in two chunks
 
 

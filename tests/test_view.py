@@ -72,6 +72,17 @@ def test_load_tensors_qk_default_to_torchtune_conversion(tiny_checkpoint, family
         assert torch.equal(got[name], expected[name]), name
 
 
+def test_with_qk_layout_gives_the_rows_open_checkpoint_gives(tiny_checkpoint):
+    path = tiny_checkpoint("llama").path
+    default = leangen.open_checkpoint(path)
+    relaid = default.with_qk_layout(ROTATE_HALF)
+    direct = leangen.open_checkpoint(path, qk_layout=ROTATE_HALF)
+    assert relaid.raw is default.raw  # the files are not opened again
+    for name in QKV:
+        assert torch.equal(relaid.tensor(name), direct.tensor(name)), name
+    assert not torch.equal(relaid.tensor(QKV[0]), default.tensor(QKV[0]))  # the layouts differ
+
+
 @pytest.mark.parametrize("family", ["llama", "llama3_2", "gemma", "phi3", "qwen2"])
 def test_load_tensors_qk_equal_the_loaded_model(tiny_checkpoint, family):
     """Asked for the loaded model's RoPE layout, load_tensors gives its q/k (the stored HF rows)."""

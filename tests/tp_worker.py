@@ -198,8 +198,8 @@ def quant_job(path: str, kind: str) -> dict:
                  "one_process_quantized": (logits - single_q(TOKENS)).abs().max().item(),
                  "tp_error": (logits - reference).abs().max().item(),
                  "one_process_error": (single_q(TOKENS) - reference).abs().max().item()}
-    return {"layers": layers, "diffs": diffs, "counts": model.leangen_quantized,
-            "one_process_counts": single_q.leangen_quantized,
+    return {"layers": layers, "diffs": diffs, "counts": model.leangen.quantized,
+            "one_process_counts": single_q.leangen.quantized,
             # a tied output: a Linear of the rank's whole (replicated) copy, quantized
             "output": [type(model.output).__name__, type(model.output.weight).__name__]}
 

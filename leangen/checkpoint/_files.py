@@ -47,7 +47,7 @@ def resolve_files(checkpoint: CheckpointPath) -> CheckpointFiles:
             f"{files[0].parent}: several consolidated.*.pth files are model-parallel shards "
             "of each tensor, which leangen does not merge. Use the HF-format files instead."
         )
-    return CheckpointFiles(tuple(dict.fromkeys(files)), _read_config(files[0].parent))
+    return CheckpointFiles(tuple(dict.fromkeys(files)), read_config(files[0].parent))
 
 
 def _expand(path: Path) -> list[Path]:
@@ -79,12 +79,17 @@ def _shards_of_index(index: Path) -> list[Path]:
     return shards
 
 
-def _read_config(directory: Path) -> dict | None:
+def read_config(directory: Path) -> dict | None:
+    """The model folder's config.json (HF), else its params.json (Meta), as a dict; None
+    when it has neither. Every reader of a folder's model config goes through here."""
     for name in ("config.json", "params.json"):
-        path = directory / name
+        path = Path(directory) / name
         if path.is_file():
             try:
-                return json.loads(path.read_text())
+                data = json.loads(path.read_text(encoding="utf-8"))
             except ValueError as e:
                 raise CheckpointError(f"{path}: not valid JSON ({e}).") from e
+            if not isinstance(data, dict):
+                raise CheckpointError(f"{path}: expected a JSON object, not {type(data).__name__}.")
+            return data
     return None

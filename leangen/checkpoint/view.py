@@ -25,9 +25,14 @@ class Checkpoint:
                  qk_layout: str | None = None):
         self.raw = raw
         self.family = family
+        self.geometry = geometry
         self.stored_layout = stored_layout(raw.names(), family)  # of the q/k rows in the files
         self.entries: dict[str, Entry] = plan(raw.names(), raw.shape, raw.dtype, family, geometry,
                                               qk_layout)
+
+    def with_qk_layout(self, qk_layout: str | None) -> "Checkpoint":
+        """The same checkpoint with its q/k rows given in ``qk_layout`` (nothing is reread)."""
+        return Checkpoint(self.raw, self.family, self.geometry, qk_layout)
 
     @property
     def files(self):

@@ -102,7 +102,8 @@ def context_limit(model: torch.nn.Module) -> tuple[int, str]:
     Past a config.json ``sliding_window`` torchtune's attention no longer matches the
     model (Mistral's sees the whole context, Gemma 2's decode differs), so a run stays
     within the window rather than silently computing another model."""
-    window = getattr(getattr(model, "leangen_config", None), "sliding_window", None)
+    config = getattr(getattr(model, "leangen", None), "config", None)  # None: not from load_model
+    window = getattr(config, "sliding_window", None)
     if window and window < model.max_seq_len:
         return window, (f"the model's sliding window of {window} (config.json sliding_window; "
                         "past it torchtune's attention differs from the model's)")

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from leangen.errors import ConversionError
+from leangen.load.output import OutputWrapper, output_projection
 
 # ---------------------------------------------------------------------------------------
 # config.json, parsed once
@@ -304,18 +305,22 @@ def llama2_tied(**kwargs: Any) -> nn.Module:
     return model
 
 
-class SoftCappedTiedLinear:
-    """The tied output projection followed by Gemma 2's ``cap * tanh(logits / cap)``."""
+class SoftCappedOutput(OutputWrapper):
+    """Gemma 2's output: the tied projection, then ``cap * tanh(logits / cap)``.
+
+    A module, so that a quantized or packed copy of the projection put in its place is
+    a child like any other Linear (its bytes counted, its weight cached); while tied,
+    the projection is torchtune's ``TiedLinear``, a plain attribute with no parameters."""
 
     def __init__(self, tied_module: nn.Module, cap: float | None):
         from torchtune.modules import TiedLinear
 
-        self.tied = TiedLinear(tied_module)
-        self.tied_module = tied_module
+        super().__init__()
+        self.projection = TiedLinear(tied_module)
         self.cap = cap
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.tied(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.projection(x)
         return logits if self.cap is None else torch.tanh(logits / self.cap) * self.cap
 
 
@@ -328,7 +333,7 @@ def gemma2(final_capping_value: float | None = 30.0, **kwargs: Any) -> nn.Module
 
     model = tune_gemma2(final_capping_value=final_capping_value or 30.0, **kwargs)
     model.norm.logit_capping = nn.Identity()
-    model.output = SoftCappedTiedLinear(model.tok_embeddings, final_capping_value)
+    model.output = SoftCappedOutput(model.tok_embeddings, final_capping_value)
     return model
 
 
@@ -384,7 +389,7 @@ def model_fields(model: nn.Module) -> dict[str, Any]:
     from torchtune.models.gemma.gemma_norm_embedding import GemmaNormEmbeddings
     from torchtune.models.gemma.rms_norm import GemmaRMSNorm
     from torchtune.models.gemma2._component_builders import Gemma2FinalNorm
-    from torchtune.modules import RMSNorm, TiedLinear
+    from torchtune.modules import RMSNorm
 
     attn = [layer.attn for layer in model.layers]
     mlp = model.layers[0].mlp
@@ -415,7 +420,7 @@ def model_fields(model: nn.Module) -> dict[str, Any]:
         "rms_norm_eps": eps.pop() if len(eps) == 1 else sorted(eps),
         "rope_theta": getattr(rope, "base", None), "rope_scaling": scaling,
         "rotary_dim": getattr(rope, "dim", None),
-        "tie_word_embeddings": isinstance(output, (TiedLinear, SoftCappedTiedLinear)),
+        "tie_word_embeddings": output_projection(model).tied,
         "attention_bias": biased or "none", "mlp_bias": mlp.w1.bias is not None,
         "hidden_act": _activation_name(mlp.activation),
         "attn_logit_softcapping": getattr(a, "softcapping", None),

@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
+from leangen.checkpoint import read_config
 from leangen.errors import ConfigError
 from leangen.hf.chat_template import SPECIAL_TOKEN_NAMES, ChatTemplate
 
@@ -201,7 +202,7 @@ def _from_tokenizer_model(folder: Path, max_seq_len: Optional[int]):
 
     path = folder / "tokenizer.model"
     kind = tokenizer_model_kind(path)
-    family = read_json(folder / "config.json").get("model_type")
+    family = (read_config(folder) or {}).get("model_type")
     builder = TORCHTUNE_TOKENIZERS.get((kind, family), TORCHTUNE_TOKENIZERS[(kind, None)])
     try:
         tokenizer = _get_component_from_path(builder)(str(path), max_seq_len=max_seq_len)

@@ -6,6 +6,7 @@ materialise buffers on the device -> move/cast/permute tensor by tensor.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any, Callable, Union
 
 import torch
@@ -17,8 +18,12 @@ from leangen.checkpoint.view import Checkpoint, open_checkpoint
 from leangen.errors import ConfigError, ConversionError, LeangenError
 from leangen.hf.config import builder_for, check_model, parse_config
 from leangen.load.buffers import check_no_meta, materialise_buffers
+from leangen.load.device import resolve_device
+from leangen.load.dtypes import DTYPES, dtype_name
 from leangen.load.move import chain, move_to_device
+from leangen.load.output import output_projection
 from leangen.load.prepack import Prepacker
+from leangen.load.report import LoadReport, Quantization
 from leangen.load.rope import match_stored_layout, qk_layout
 from leangen.quant.cache import CacheSetting, open_cache
 from leangen.quant.quantize import Quantizer, QuantSetting
@@ -31,12 +36,6 @@ Builder = Union[str, Callable[..., torch.nn.Module], DictConfig]
 Take = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 # Called after each stage of load_model with the stage's name and what it made (bytes, tensors).
 OnStage = Callable[..., None]
-
-DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-}
 
 # Devices that cannot compute in some dtype, with what to do instead.
 _DTYPE_SUPPORT = {
@@ -73,26 +72,28 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
     - ``quantize`` (None, "int8", "int4" or a ``leangen.quant.quantize.QuantSpec``): weight-only
       torchao quantization of every Linear, the output included (a tied one gets its own
       quantized copy), layer by layer as tensors are moved, so the full-precision model is
-      never resident. ``model.leangen_quantized`` is then ``{"quantized": n, "skipped": m}``
+      never resident. ``model.leangen.quantized`` is then ``{"quantized": n, "skipped": m}``
       (skipped layers stay in full precision), else None.
     - ``prepack=True`` (CPU, bf16/fp32): the Linears that stay in full precision are copied
       into oneDNN's blocked layout (``leangen.load.prepack``): decode is faster, but those
       weights then take anonymous memory instead of being the file's mmap.
-      ``model.leangen_prepacked`` counts them (None when off).
+      ``model.leangen.prepacked`` counts them (None when off).
     - ``quantize_cache`` (None, "auto" or a folder; only with ``quantize``): the quantized
       weights are written once to ``<folder>/<entry>.safetensors`` ("auto":
       ``$XDG_CACHE_HOME/leangen``, else ``~/.cache/leangen``), and later loads with the
       same key mmap them instead of quantizing (``leangen.quant.cache``).
-      ``model.leangen_quant_cache`` is ``{"status": "hit" | "written" | "off", "file": path}``.
+      ``model.leangen.quant_cache`` is ``{"status": "hit" | "written" | "off", "file": path}``.
     - ``parallel``: a ``leangen.parallel.tensor_parallel.TensorParallel`` (under torchrun): the meta model
       is sharded by its plan and this rank reads only its rows or columns of each
       sharded tensor (DTensor parameters); the rest is replicated. With ``quantize``,
       each rank quantizes its own shards (``leangen.quant.sharded``; the counts are the
       rank's) and ``quantize_cache`` is off.
 
-    Returns the model in eval mode on ``device``, nothing on meta, with the parsed
-    config.json as ``model.leangen_config`` (None without one).
+    Returns the model in eval mode on ``device``, nothing on meta, with what the load did
+    as ``model.leangen`` (a ``leangen.load.report.LoadReport``: the files, device, dtype,
+    parsed config.json, seconds, quantization and prepacking).
     """
+    started = time.perf_counter()
     device = resolve_device(device)
     raw = open_raw(checkpoint)  # headers and config.json only
     config = parse_config(raw.config)
@@ -108,20 +109,23 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
         check_model(model, config, strict=strict_config)
     mark("build on meta")
     geometry = Geometry.from_model(model)
+    view = open_checkpoint(raw, model_type=model_type, geometry=geometry)
     # q/k stay as stored: for HF's rotate-half rows the model's RoPE rotates halves
     # (RotateHalf). Rows in a layout the model's RoPE still differs from are permuted per
     # tensor in move.
-    match_stored_layout(model, open_checkpoint(raw, model_type=model_type, geometry=geometry).stored_layout)
-    view = open_checkpoint(raw, model_type=model_type, geometry=geometry, qk_layout=qk_layout(model))
+    match_stored_layout(model, view.stored_layout)
+    view = view.with_qk_layout(qk_layout(model))
     dtype = resolve_dtype(dtype, view, device)
     quantizer = Quantizer.for_load(quantize, device, dtype)  # None: keep full precision
+    counts = quantizer.counts if quantizer else None  # a rank's hook below counts into these too
+    hook = quantizer
     if parallel is not None:  # each rank quantizes its shards; no cache
-        quantizer, quantize_cache = parallel.per_rank(quantizer, quantize_cache)
+        hook, quantize_cache = parallel.per_rank(quantizer, quantize_cache)
     prepacker = Prepacker.for_load(prepack, device, dtype)  # None: keep the mmap
     if parallel is not None and prepacker is not None:  # the recipe refuses it too
         raise ConfigError("prepack with tensor parallelism is not supported: oneDNN's packed "
                           "Linear takes no DTensor shards. Drop prepack, or run one process.")
-    cache = open_cache(quantize_cache, raw.files, raw.config, quantizer, dtype, builder=builder,
+    cache = open_cache(quantize_cache, raw.files, raw.config, hook, dtype, builder=builder,
                        builder_kwargs=builder_kwargs, model_type=model_type,
                        family=view.family.name, qk_layout=qk_layout(model))
     mark("open checkpoint (headers, key plan, RoPE layout)")
@@ -132,18 +136,17 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
         mark("tensor parallel plan on meta")
     pending = assign(model, view, take=take)
     mark("assign mmap views")
-    # the quantizer's (or the cache's) and the prepacker's counts replace them
-    model.leangen_quantized = model.leangen_prepacked = None
     # A hit: the quantized Linears are the cache file's mmap, final; nothing left to quantize.
-    cached = cache.install(model, quantizer) if cache else set()
+    cached = cache.install(model, hook) if cache else set()
     if cached:
-        quantizer, pending = None, {n: t for n, t in pending.items() if n not in cached}
+        hook, counts = None, cache.counts
+        pending = {n: t for n, t in pending.items() if n not in cached}
         mark("quantized cache: install", tensors=len(cached))
     materialise_buffers(model, device, positions=rope_positions)
     mark("buffers (rope_init)", bytes=sum(b.numel() * b.element_size() for b in model.buffers()))
     nbytes = sum(t.numel() * dtype.itemsize for t in model.parameters())
     copied = sum(view.shape(n).numel() * dtype.itemsize for n in pending)
-    move_to_device(model, pending, device, dtype, finish_module=chain(quantizer, prepacker),
+    move_to_device(model, pending, device, dtype, finish_module=chain(hook, prepacker),
                    final=cached,
                    progress=device.type != "cpu" and nbytes > _PROGRESS_BYTES)
     check_no_meta(model)
@@ -151,40 +154,26 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
     if cache and not cached:
         cache.write(model)
         mark("quantized cache: write")
-    model.leangen_quant_cache = cache.report() if cache else {"status": "off", "file": None}
-    model.leangen_config = config
+    model.leangen = LoadReport(
+        checkpoint=tuple(map(str, raw.files)), device=str(device), dtype=dtype_name(dtype),
+        config=config, prepacked=prepacker.count if prepacker else None,
+        quantization=_quantization(quantizer, counts, cache), seconds=time.perf_counter() - started)
     return model.eval().requires_grad_(False)
+
+
+def _quantization(quantizer: Quantizer | None, counts: dict | None, cache) -> Quantization | None:
+    """What ``quantize`` did: the scheme, the Linears counted (by the quantizer, or by the
+    cache on a hit) and the cache's status; None without ``quantize``."""
+    if quantizer is None:
+        return None
+    spec = quantizer.spec
+    report = cache.report() if cache else {"status": "off", "file": None}
+    return Quantization(scheme=spec.kind, group_size=spec.group_size if spec.kind == "int4" else None,
+                        counts=dict(counts), cache=report["status"], cache_file=report["file"])
 
 
 def _is_auto(builder: Builder) -> bool:
     return isinstance(builder, str) and builder == "auto"
-
-
-# Device types leangen runs on, each with how to tell that this machine has one.
-DEVICE_AVAILABLE: dict[str, Callable[[], bool]] = {
-    "cpu": lambda: True,
-    "cuda": lambda: torch.cuda.is_available(),
-    "mps": lambda: torch.backends.mps.is_available(),
-}
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError(f"device '{device}' is not a torch device ({e}). Use auto, cpu or cuda.") from e
-    available = DEVICE_AVAILABLE.get(device.type)
-    if available is None:
-        raise ConfigError(f"device '{device}': leangen runs on {', '.join(DEVICE_AVAILABLE)}; "
-                          "use one of those (or auto).")
-    if not available():
-        raise LeangenError(
-            f"device '{device}' was asked for, but this torch ({torch.__version__}) sees no "
-            f"{device.type.upper()} device. Use device: cpu (or auto)."
-        )
-    return device
 
 
 def resolve_dtype(dtype: str | torch.dtype, view: Checkpoint, device: torch.device) -> torch.dtype:
@@ -234,7 +223,8 @@ def assign(model: torch.nn.Module, view: Checkpoint, *, take: Take | None = None
     expected = model.state_dict()  # meta tensors: names and shapes only
     # A tied builder has no output.weight: a stored lm_head is dropped, as torchtune does
     # (_check_keys refuses it when config.json says the checkpoint is untied).
-    tied_builder = "output.weight" not in expected
+    output = output_projection(model)
+    tied_builder = output is not None and output.tied
     names = [n for n in view if not (tied_builder and n == "output.weight")]
     _check_keys(expected, names, view)
     _check_shapes(expected, view)

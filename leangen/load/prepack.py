@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from leangen.errors import ConfigError
-from leangen.quant.quantize import tied_linears
+from leangen.load.output import output_projection
 
 # Dtypes oneDNN packs with a measured gain on CPU (fp16 has no fast path without AVX512-FP16).
 PACKABLE = (torch.bfloat16, torch.float32)
@@ -46,8 +46,8 @@ class PrepackedLinear(torch.nn.Module):
 
 class Prepacker:
     """The move stage's per-module hook: a parent's plain Linear children (and a tied
-    output) become ``PrepackedLinear`` once final. Counts them on the root as
-    ``model.leangen_prepacked``."""
+    output) become ``PrepackedLinear`` once final. Counts them in ``count``, which
+    ``load_model`` reports as ``model.leangen.prepacked``."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
         if device.type != "cpu":
@@ -63,16 +63,22 @@ class Prepacker:
 
     def __call__(self, name: str, module: torch.nn.Module) -> None:
         for child_name, child in list(module.named_children()):
-            if type(child) is torch.nn.Linear and _plain(child.weight):
+            if _packable(child):
                 setattr(module, child_name, self._pack(child.weight, child.bias))
-        for attr, tied in tied_linears(module):  # the output gets its own packed copy
-            setattr(module, attr, self._pack(tied.tied_module.weight, None))
-        if name == "":
-            module.leangen_prepacked = self.count
+        if name == "":  # the root comes last: the embedding a tied output shares is final
+            output = output_projection(module)
+            # a tied output is no child; one inside a wrapper was a TiedLinear when the
+            # wrapper's turn came, and may be a plain Linear now (quantization skipped it)
+            if output is not None and (output.tied or _packable(output.module)):
+                output.replace(self._pack(output.weight, getattr(output.module, "bias", None)))
 
     def _pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> PrepackedLinear:
         self.count += 1
         return PrepackedLinear(weight, bias)
+
+
+def _packable(module) -> bool:
+    return type(module) is torch.nn.Linear and _plain(module.weight)
 
 
 def _plain(weight: torch.Tensor) -> bool:

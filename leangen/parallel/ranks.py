@@ -68,7 +68,9 @@ def rank_device(device: str | torch.device, ranks: Ranks) -> str | torch.device:
     if not ranks.distributed:
         return device
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        from leangen.load.device import auto_device
+
+        device = auto_device().type
     if str(device) == "cuda":
         return torch.device("cuda", ranks.local_rank)
     return device

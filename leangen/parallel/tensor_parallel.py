@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from leangen.checkpoint.convert import Geometry
 from leangen.errors import ConfigError, ConversionError
+from leangen.load.output import output_projection
 
 # torchtune's plans, by the torchtune model package of the builder. base_llama_tp_plan
 # names the modules of torchtune's Llama-style decoder (attn.q/k/v/output_proj,
@@ -122,11 +123,6 @@ def shard_range(size: int, parts: int, index: int) -> tuple[int, int]:
     return start, min(start + chunk, size)
 
 
-def _is_tied(model: torch.nn.Module) -> bool:
-    """torchtune's TiedLinear is not a module: the output reuses the embedding's weight."""
-    return not isinstance(getattr(model, "output", None), torch.nn.Module)
-
-
 @dataclass
 class TensorParallel:
     """One tensor-parallel group (a 1-D device mesh over all ranks) and its plan."""
@@ -159,7 +155,8 @@ class TensorParallel:
 
         check_divisible(geometry, self.size)
         plan = resolve_plan(self.plan, builder)
-        if _is_tied(model):
+        output = output_projection(model)
+        if output is not None and output.tied:
             # The tied output multiplies by the embedding's weight, so both stay whole:
             # the embedding is replicated (an mmap view per rank on CPU).
             dropped = [k for k in plan if fnmatch.fnmatch("tok_embeddings", k) or fnmatch.fnmatch("output", k)]

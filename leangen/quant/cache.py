@@ -38,6 +38,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from leangen.errors import ConfigError
+from leangen.load.dtypes import dtype_name
 from leangen.quant.quantize import Quantizer, is_tensor_subclass
 
 CacheSetting = Union[None, str, os.PathLike]
@@ -90,7 +91,7 @@ def open_cache(setting: CacheSetting, files: tuple[Path, ...], config: dict | No
         "versions": _versions(),
     }
     group = f"-g{spec.group_size}" if spec.kind == "int4" else ""
-    name = (f"{_slug(files[0].resolve().parent.name)}-{spec.kind}{group}-{str(dtype)[6:]}-"
+    name = (f"{_slug(files[0].resolve().parent.name)}-{spec.kind}{group}-{dtype_name(dtype)}-"
             f"{quantizer.device.type}-{_sha256(json.dumps(what, sort_keys=True).encode())[:16]}")
     return QuantCache(directory / f"{name}.safetensors", {**what, **valid})
 
@@ -102,13 +103,15 @@ class QuantCache:
     def __init__(self, path: Path, key: dict):
         self.path, self.key = path, key
         self.status = "off"
+        self.counts: dict[str, int] = {}
 
     def report(self) -> dict[str, str | None]:
         return {"status": self.status, "file": str(self.path) if self.status != "off" else None}
 
     def install(self, model: torch.nn.Module, quantizer: Quantizer) -> set[str]:
         """On a hit, make each quantized Linear's weight the cached tensor (a tied output
-        gets its own Linear, as the quantizer would do) and set ``model.leangen_quantized``;
+        gets its own Linear, as the quantizer would do) and count them in ``counts`` (as the
+        quantizer's);
         return the parameter names that are now final. On a miss (a stale or corrupt
         entry is reported in one line), return an empty set and change nothing."""
         targets = quantizer.targets(model)
@@ -124,7 +127,7 @@ class QuantCache:
                 linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
                 setattr(parent, attr, linear)
             linear.weight = torch.nn.Parameter(weight, requires_grad=False)  # .data cannot take a subclass
-        model.leangen_quantized = {"quantized": len(weights), "skipped": len(targets) - len(weights)}
+        self.counts = {"quantized": len(weights), "skipped": len(targets) - len(weights)}
         self.status = "hit"
         return {f"{name}.weight" for name in weights}
 
@@ -182,8 +185,8 @@ def _unflatten(node: dict, file, device: torch.device) -> torch.Tensor:
     if "tensor" in node:  # an inner tensor: the cache file's mmap (CPU), or a copy on the device
         t = file.get_tensor(node["tensor"])
         if list(t.shape) != node["shape"] or str(t.dtype) != node["dtype"]:
-            raise _Unusable(f"'{node['tensor']}' is {str(t.dtype)[6:]} {list(t.shape)}, "
-                            f"not {node['dtype'][6:]} {node['shape']}")
+            raise _Unusable(f"'{node['tensor']}' is {dtype_name(t.dtype)} {list(t.shape)}, "
+                            f"not {node['dtype'].removeprefix('torch.')} {node['shape']}")
         return t if device.type == "cpu" else t.to(device)
     cls = _torchao_class(node["class"])
     inner = {name: _unflatten(child, file, device) for name, child in node["inner"].items()}
@@ -266,7 +269,7 @@ def _encode(v: Any) -> Any:
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
     if isinstance(v, torch.dtype):
-        return {"dtype": str(v)[6:]}
+        return {"dtype": dtype_name(v)}
     if isinstance(v, torch.Size):  # before tuple: a Size is one
         return {"size": list(v)}
     if isinstance(v, list):

@@ -11,7 +11,8 @@ into the one tensor quantizing it whole would give (bit for bit; see ``ROW_DIMS`
 
 Quantization is not a ``Transform``: torchao's weights are tensor subclasses, which
 ``tensor.data = t`` cannot install, so ``quantize_`` sets a new Parameter on the module.
-A tied output projection (torchtune's ``TiedLinear``, not an nn.Module) is replaced by
+A tied output projection (torchtune's ``TiedLinear``, not an nn.Module; found by
+``leangen.load.output.output_projection``) is replaced by
 a plain ``nn.Linear`` whose quantized weight is made from the embedding's: the output
 gets its own quantized copy and the embedding stays as it was (the file's mmap on CPU).
 
@@ -34,6 +35,7 @@ from typing import Union
 import torch
 
 from leangen.errors import ConfigError
+from leangen.load.output import output_projection
 
 KINDS = ("int8", "int4")
 # An int4 layer whose in_features the asked group does not divide falls back to the
@@ -80,8 +82,8 @@ class Quantizer:
     """The per-module hook for the move stage: ``quantizer(name, module)`` once a
     module's tensors (and its children's) are final.
 
-    Counts what it did in ``counts`` (``{"quantized": n, "skipped": m}``), and puts them
-    on the root module as ``model.leangen_quantized`` when the root's turn comes (last).
+    Counts what it did in ``counts`` (``{"quantized": n, "skipped": m}``); ``load_model``
+    reports them as ``model.leangen.quantization``.
     """
 
     def __init__(self, spec: QuantSpec, device: torch.device, dtype: torch.dtype):
@@ -116,10 +118,10 @@ class Quantizer:
             self.quantize_linear(module)
         elif any(next(child.children(), None) is not None for child in module.children()):
             _return_freed_memory()  # a layer's Linears are done: their temporaries go back
-        for attr, tied in tied_linears(module):  # the embedding is final: children come first
-            setattr(module, attr, self.untie(tied))
-        if name == "":
-            module.leangen_quantized = dict(self.counts)
+        if name == "":  # the root comes last: the embedding a tied output shares is final
+            output = output_projection(module)
+            if output is not None and output.tied:
+                output.replace(self.untie(output.weight))
 
     def config(self, linear: torch.nn.Linear):
         """torchao's config for this layer, or None when it cannot be quantized."""
@@ -187,17 +189,16 @@ class Quantizer:
         for prefix, module in model.named_modules():
             if type(module) is torch.nn.Linear:
                 found[prefix] = module.weight.shape if self.config(module) is not None else None
-            for attr, tied in tied_linears(module):
-                rows, cols = tied.tied_module.weight.shape
-                linear = torch.nn.Linear(cols, rows, bias=False, device="meta")
-                name = f"{prefix}.{attr}" if prefix else attr
-                found[name] = linear.weight.shape if self.config(linear) is not None else None
+        output = output_projection(model)
+        if output is not None and output.tied:
+            rows, cols = output.weight.shape
+            linear = torch.nn.Linear(cols, rows, bias=False, device="meta")  # its shape is all config reads
+            found[output.name] = linear.weight.shape if self.config(linear) is not None else None
         return found
 
-    def untie(self, tied) -> torch.nn.Linear:
-        """A Linear sharing the embedding's weight, then quantized: its own quantized copy,
+    def untie(self, weight: torch.Tensor) -> torch.nn.Linear:
+        """A Linear sharing the embedding's ``weight``, then quantized: its own quantized copy,
         and the embedding's tensor untouched. Unquantized (skipped), it stays shared."""
-        weight = tied.tied_module.weight
         linear = linear_holding(weight)
         self.quantize_linear(linear)
         return linear.requires_grad_(False)
@@ -301,14 +302,6 @@ def _load_libc():
 
 
 _LIBC = _load_libc()
-
-
-def tied_linears(module: torch.nn.Module) -> list[tuple[str, object]]:
-    """(attribute, torchtune TiedLinear) pairs of ``module``: a tied output is a plain
-    attribute, not a child module, so ``named_children`` does not list it."""
-    from torchtune.modules import TiedLinear
-
-    return [(attr, value) for attr, value in vars(module).items() if isinstance(value, TiedLinear)]
 
 
 def is_tensor_subclass(t: torch.Tensor) -> bool:

@@ -55,18 +55,6 @@ class ModelKeys:
                                                       "every load")
 
 
-def set_threads(threads: Optional[int]) -> int:
-    """Set torch's intra-op threads when the config asks; returns the number in use.
-
-    On a machine busy with other work, fewer threads than cores avoids OpenMP workers
-    spinning against the other job (docs/performance.md#threads-and-busy-machines)."""
-    if threads is not None:
-        if threads < 1:
-            raise ConfigError(f"threads={threads}: give at least 1, or null for torch's choice.")
-        torch.set_num_threads(threads)
-    return torch.get_num_threads()
-
-
 def checkpoint_source(cfg: DictConfig) -> tuple[Any, str]:
     """(path or list of files, model_type) from ``checkpoint:`` or ``checkpointer:``."""
     if cfg.get("checkpoint") is not None and cfg.get("checkpointer") is not None:

@@ -19,10 +19,12 @@ def model_bytes(model: torch.nn.Module) -> int:
     return sum(tensor_bytes(p.to_local() if isinstance(p, DTensor) else p) for p in model.parameters())
 
 
-def quant_cache_metrics(model: torch.nn.Module) -> dict[str, Any]:
-    """``quantize_cache``: hit | written | off, and the entry's file when one was used."""
-    cache = model.leangen_quant_cache
-    return {"quantize_cache": cache["status"], "quantize_cache_file": cache["file"]}
+def load_metrics(model: torch.nn.Module) -> dict[str, Any]:
+    """``load_seconds``, and ``quantize_cache``: hit | written | off, with the entry's
+    file when one was used (from ``model.leangen``, what load_model did)."""
+    cache = model.leangen.quant_cache
+    return {"load_seconds": model.leangen.seconds,
+            "quantize_cache": cache["status"], "quantize_cache_file": cache["file"]}
 
 
 def peak_host_rss_bytes() -> int:
