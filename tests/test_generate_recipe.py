@@ -7,14 +7,10 @@ import sys
 
 import pytest
 import torch
+from tiny_models import GOLDEN, GOLDEN_IDS
 
 from leangen.demo import demo_dir
 from leangen.generate import main
-
-# The demo model's greedy continuation: any loading, conversion or RoPE error changes it.
-GOLDEN = ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-          "fifteen sixteen seventeen eighteen nineteen twenty twenty one twenty")
-GOLDEN_IDS = [38, 39, 22, 19, 35, 15, 63, 62, 60, 57, 55, 54, 53, 52, 51, 50, 41, 41, 46, 41]
 
 
 def run(capsys, *overrides):

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from tiny_models import GOLDEN_IDS
 
 from leangen.eval import EvalConfig
 from leangen.eval import main as eval_main
@@ -235,9 +236,6 @@ def test_prompts_file_shows_progress_only_on_a_terminal(capsys, tmp_path, monkey
 
 
 # -- quantization through the recipes ---------------------------------------------
-
-GOLDEN_IDS = [38, 39, 22, 19, 35, 15, 63, 62, 60, 57, 55, 54, 53, 52, 51, 50, 41, 41, 46, 41]
-
 
 def test_quantize_int8_keeps_the_demo_golden_tokens_and_counts_its_bytes(capsys, tmp_path):
     out, metrics = tmp_path / "out.jsonl", tmp_path / "m.json"
