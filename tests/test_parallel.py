@@ -123,6 +123,7 @@ def _ids(path: Path) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("run", SAME_IDS)
+@pytest.mark.distributed
 def test_tensor_parallel_ids_equal_one_process(run, folders, tp_run, tmp_path, capsys):
     root, paths = folders
     out, _ = tp_run
@@ -146,6 +147,7 @@ def test_checkpoints_are_sharded_across_files(folders):
         assert len(set(weight_map.values())) >= 3 and len(layer_files) >= 2, case
 
 
+@pytest.mark.distributed
 def test_only_rank_0_prints_and_writes(tp_run):
     out, done = tp_run
     # each completion once: streamed (single prompts) or printed after its batch
@@ -156,6 +158,7 @@ def test_only_rank_0_prints_and_writes(tp_run):
 
 
 @pytest.mark.parametrize("job", ["shards", "shards-permuted"])
+@pytest.mark.distributed
 def test_each_rank_holds_only_its_shard(job, tp_run):
     """``shards-permuted``: the model keeps its interleaved RoPE, so the HF q/k rows are
     permuted, on a rank within its own heads (2 of 4 for q, 1 of 2 for k)."""
@@ -182,6 +185,7 @@ def test_each_rank_holds_only_its_shard(job, tp_run):
         assert result["logits_max_diff"] < 1e-4
 
 
+@pytest.mark.distributed
 def test_each_rank_maps_its_slice_without_copying_the_model(tp_run):
     """Peak anonymous memory growth while a rank loads: the anon memory after imports,
     process group and mesh is the baseline subtracted. Row shards are mmap views; only
@@ -194,6 +198,7 @@ def test_each_rank_maps_its_slice_without_copying_the_model(tp_run):
         assert result["local_param_bytes"] < 0.6 * result["model_bytes"], result
 
 
+@pytest.mark.distributed
 def test_readme_command_tune_run_nproc_per_node(tmp_path):
     """The README's ``tune run --nproc_per_node 2 leangen/generate --config demo``: the
     demo's golden count, printed once, and the metrics of rank 0."""
@@ -208,6 +213,7 @@ def test_readme_command_tune_run_nproc_per_node(tmp_path):
     assert metrics["tensor_parallel"]["ranks"] == 2 and metrics["generated_tokens"] == 20
 
 
+@pytest.mark.distributed
 def test_a_failing_rank_ends_the_job_and_is_named(tp_run):
     _, done = tp_run
     assert done.returncode != 0
@@ -219,6 +225,7 @@ def test_a_failing_rank_ends_the_job_and_is_named(tp_run):
     assert "[rank0]: Traceback" not in done.stderr and "[rank1]: Traceback" not in done.stderr
 
 
+@pytest.mark.distributed
 def test_what_the_ranks_cannot_split_is_refused_in_one_line(tp_run):
     out, _ = tp_run
     for rank in (0, 1):
@@ -233,6 +240,7 @@ def _quant(out: Path, job: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("job", list(QUANT))
+@pytest.mark.distributed
 def test_each_rank_quantizes_exactly_its_own_shard(job, tp_run):
     """Every sharded Linear's local weight is the rank's slice quantized on its own
     (compared as the dense matrix each kernel multiplies by), and where the math allows,
@@ -266,6 +274,7 @@ def test_each_rank_quantizes_exactly_its_own_shard(job, tp_run):
 
 
 @pytest.mark.parametrize("job", list(QUANT))
+@pytest.mark.distributed
 def test_tensor_parallel_quantized_logits(job, tp_run):
     """(a) The ranks compute exactly the one-process model whose Linears hold the
     per-shard quantized weights: 1e-4 as for fp32 above (the all-reduce sums partial
@@ -284,6 +293,7 @@ def test_tensor_parallel_quantized_logits(job, tp_run):
 
 
 @pytest.mark.parametrize("job", list(QUANT))
+@pytest.mark.distributed
 def test_each_rank_counts_what_it_quantized_and_a_tied_output_is_quantized_whole(job, tp_run):
     out, _ = tp_run
     weight = {"int8": "AffineQuantizedTensor", "int4": "Int4OpaqueTensor"}[QUANT[job][1]]
@@ -298,6 +308,7 @@ def test_each_rank_counts_what_it_quantized_and_a_tied_output_is_quantized_whole
         assert result["output"] == ["Linear" if job.startswith("qwen2") else "ShardLinear", weight]
 
 
+@pytest.mark.distributed
 def test_the_int8_recipe_reports_per_rank_quantization_and_no_cache(folders, tp_run):
     root, paths = folders
     out, _ = tp_run

@@ -75,6 +75,7 @@ def test_copy_config_into_a_missing_folder_is_refused(capsys, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.slow
 def test_tune_run_passes_help_through(tmp_path):
     result = subprocess.run(["tune", "run", "leangen/generate", "--config", "demo", "--help"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -112,6 +113,7 @@ def test_a_mapping_over_a_list_is_one_line(capsys):
     assert err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_help_into_a_closed_pipe_is_quiet():
     result = subprocess.run(f"{sys.executable} -m leangen.eval --help | head -1", shell=True,
                             capture_output=True, text=True, timeout=300)
@@ -142,6 +144,7 @@ def test_read_only_output_fails_before_the_model_loads(capsys, read_only_dir, ke
 # -- Ctrl-C -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.slow
 def test_ctrl_c_or_kill_exits_with_one_line_and_keeps_the_finished_completions(tmp_path, signum, code):
     prompts = [f"{word} one two" for word in ("three", "seven", "eleven", "twenty")] * 100
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
@@ -188,6 +191,7 @@ def test_threads_key_sets_torch_threads(capsys, tmp_path):
     assert code == 0 and json.loads((tmp_path / "m.json").read_text())["threads"] == 2
 
 
+@pytest.mark.slow
 def test_omp_num_threads_is_honoured_and_a_bf16_run_prints_only_the_summary(tmp_path):
     """bf16 on CPU makes torchtune's RMSNorm warn; torchao warns at import: neither may
     reach a recipe's stderr, which holds the one summary line."""
