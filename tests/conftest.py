@@ -1,7 +1,8 @@
-"""Shared fixtures: tiny HF checkpoints, built once per session and shared read-only.
+"""Shared fixtures: the tiny folders of tiny_models.py, built once per session and shared
+read-only.
 
-A test that changes files (truncates, deletes, renames) must build its own with
-``tiny_models.make_hf_checkpoint(..., tmp_path)`` instead.
+A test that changes files (truncates, deletes, renames) copies the folder into its own
+tmp_path first (``tiny_models.copy_folder`` / ``copy_checkpoint``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import TinyCheckpoint, make_hf_checkpoint
+from tiny_models import (
+    TinyCheckpoint,
+    make_hf_checkpoint,
+    make_hub_folder,
+    make_llama_tokenizer_folder,
+    make_qwen_tokenizer_folder,
+    make_tp_folders,
+    make_variant_folder,
+    make_vocab_merges_folder,
+)
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine
 # OpenMP's spinning workers make each forward ~100x slower (0.5 s instead of 5 ms).
@@ -41,6 +51,57 @@ def tiny_checkpoint(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+
+def _cached(build):
+    """``get(name)`` -> ``build(name)``, each name built once."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = build(name)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def variant_folder(tmp_path_factory):
+    """``variant_folder(variant)`` -> (path, transformers model) of tiny_models.VARIANTS."""
+    return _cached(lambda variant: make_variant_folder(variant, tmp_path_factory.mktemp(variant)))
+
+
+@pytest.fixture(scope="session")
+def hub_folder(tmp_path_factory):
+    """``hub_folder(variant)`` -> a folder as the Hub has it: model, tokenizer, chat template."""
+    return _cached(lambda variant: make_hub_folder(variant, tmp_path_factory.mktemp(f"hub-{variant}")))
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer_folder(tmp_path_factory) -> Path:
+    return make_llama_tokenizer_folder(tmp_path_factory.mktemp("llama-tok"))
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_folder(tmp_path_factory) -> Path:
+    return make_qwen_tokenizer_folder(tmp_path_factory.mktemp("qwen-tok"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_folders(llama_tokenizer_folder, qwen_tokenizer_folder) -> dict[str, Path]:
+    return {"llama": llama_tokenizer_folder, "qwen": qwen_tokenizer_folder}
+
+
+@pytest.fixture(scope="session")
+def vocab_merges_folder(tmp_path_factory) -> Path:
+    return make_vocab_merges_folder(tmp_path_factory.mktemp("qwen-vocab"))
+
+
+@pytest.fixture(scope="session")
+def tp_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """The tensor-parallel tests' checkpoints, by name (tiny_models.make_tp_folders)."""
+    return make_tp_folders(tmp_path_factory.mktemp("tp-checkpoints"))
 
 
 def directory_digest(path: Path) -> dict[str, str]:

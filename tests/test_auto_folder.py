@@ -8,9 +8,7 @@ import json
 
 import pytest
 import torch
-from test_hf_config import VARIANTS
-from test_hf_tokenizer import _texts, make_llama_folder, make_qwen_folder
-from tiny_models import make_hf_model
+from tiny_models import HUB_TOKENIZERS, HUB_VOCAB, made_up_texts
 
 from leangen.eval import EvalConfig
 from leangen.eval import main as eval_main
@@ -18,37 +16,14 @@ from leangen.generate import GenerateConfig
 from leangen.generate import main as generate_main
 from leangen.recipe.cli import packaged_config_names, parse_args, resolve_config_path
 
-VOCAB = 512  # room for the ~500-token BPE the tokenizer folders train
 MESSAGES = [{"role": "system", "content": "kalo mine"}, {"role": "user", "content": "ruti sa vo ze"}]
-# (model variant of test_hf_config, tokenizer style)
-FOLDERS = {
-    "llama-theta": "llama", "llama3-factor16": "llama", "mistral": "llama", "qwen2": "qwen",
-    "gemma": "llama", "gemma2": "llama", "phi3": "llama",
-}
-
-
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory):
-    """``model_folder(variant)`` -> a folder as the Hub has it, built once."""
-    cache = {}
-
-    def get(variant: str):
-        if variant not in cache:
-            family, tied, overrides, _ = VARIANTS[variant]
-            root = tmp_path_factory.mktemp(variant)
-            make_hf_model(family, tied=tied, vocab_size=VOCAB, **overrides).save_pretrained(root)
-            {"llama": make_llama_folder, "qwen": make_qwen_folder}[FOLDERS[variant]](root)
-            cache[variant] = root
-        return cache[variant]
-
-    return get
 
 
 def _transformers(folder):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    assert len(tokenizer) <= VOCAB
+    assert len(tokenizer) <= HUB_VOCAB
     # eager attention: the reference; sdpa has no attention soft-capping (Gemma 2)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
     return model.eval(), tokenizer
@@ -59,9 +34,9 @@ def _ids(encoded) -> list[int]:
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
-@pytest.mark.parametrize("variant", list(FOLDERS))
-def test_chat_greedy_ids_equal_transformers_generate(model_folder, variant, tmp_path, capsys):
-    folder = model_folder(variant)
+@pytest.mark.parametrize("variant", list(HUB_TOKENIZERS))
+def test_chat_greedy_ids_equal_transformers_generate(hub_folder, variant, tmp_path, capsys):
+    folder = hub_folder(variant)
     prompts, out = tmp_path / "chat.jsonl", tmp_path / "out.jsonl"
     prompts.write_text(json.dumps({"messages": MESSAGES}) + "\n")
     code = generate_main(["--config", "auto", f"checkpoint.path={folder}", f"prompts_file={prompts}",
@@ -97,11 +72,11 @@ def transformers_perplexity(folder, text: str, max_length: int, stride: int) -> 
     return float(torch.exp(torch.tensor(nll_sum / n_tokens, dtype=torch.float64))), n_tokens
 
 
-@pytest.mark.parametrize("variant", list(FOLDERS))  # BOS added (Llama-style), and not (Qwen)
-def test_perplexity_with_add_bos_auto_equals_transformers(model_folder, variant, tmp_path, capsys):
-    folder = model_folder(variant)
+@pytest.mark.parametrize("variant", list(HUB_TOKENIZERS))  # BOS added (Llama-style), and not (Qwen)
+def test_perplexity_with_add_bos_auto_equals_transformers(hub_folder, variant, tmp_path, capsys):
+    folder = hub_folder(variant)
     text = tmp_path / "text.txt"
-    text.write_text("\n".join(_texts(7)[:6]))
+    text.write_text("\n".join(made_up_texts(7)[:6]))
     out = tmp_path / "results.json"
     code = eval_main(["--config", "eval_auto", f"checkpoint.path={folder}", f"perplexity.files={text}",
                       "max_seq_len=48", "perplexity.stride=16", f"output_file={out}"])
@@ -120,8 +95,8 @@ def test_packaged_auto_configs_need_only_the_folder():
         assert f"tune run leangen/{recipe} --config {name} checkpoint.path=" in resolve_config_path(name).read_text()
 
 
-def test_a_prompt_past_the_sliding_window_is_refused(model_folder, capsys):
-    folder = model_folder("mistral")  # sliding_window 4096, max_position_embeddings larger
+def test_a_prompt_past_the_sliding_window_is_refused(hub_folder, capsys):
+    folder = hub_folder("mistral")  # sliding_window 4096, max_position_embeddings larger
     code = generate_main(["--config", "auto", f"checkpoint.path={folder}", "prompt=kalo",
                           "max_new_tokens=5000"])
     err = capsys.readouterr().err

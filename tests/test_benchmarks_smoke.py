@@ -68,6 +68,7 @@ def tracked_results() -> dict[str, str]:
 # Enough hogs to fill a small machine's cores, so the runner sees a busy machine (it must
 # still finish and report); capped so that a big CI machine is not flooded.
 @pytest.mark.parametrize("hogs", [0, min(os.cpu_count() or 2, 4)], ids=["quiet", "cpu-hog"])
+@pytest.mark.slow
 def test_small_preset_runs_leangen(tmp_path, cache_dir, hogs):
     results_dir = tmp_path / "results"
     before = tracked_results()
@@ -175,6 +176,7 @@ def test_cuda_results_render_from_their_json():
     assert "**failed**" not in text or any(not c["ok"] for c in report["checks"].values())
 
 
+@pytest.mark.distributed
 def test_nproc_reports_each_rank_of_both_loaders(tmp_path, cache_dir):
     """run.py --nproc 2: per-rank rows for leangen's sharded load and the
     full-state-dict baseline, and 2 gloo ranks' generate run, in the markdown and the JSON.
@@ -222,6 +224,7 @@ def test_nproc_reports_each_rank_of_both_loaders(tmp_path, cache_dir):
     assert (results_dir / "RESULTS_small_nproc2.md").read_text() == markdown
 
 
+@pytest.mark.slow
 def test_nproc_refuses_what_it_cannot_measure():
     """--nproc takes its own measurements: a cap, one rank or a llama.cpp system is refused in one line."""
     for extra, message in ((["--nproc", "2", "--memory-cap-gb", "3"], "--memory-cap-gb"),

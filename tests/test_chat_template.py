@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_hf_tokenizer import LLAMA_TEMPLATE, _edit_json, _hf, folders, llama_folder, qwen_folder, train_bpe  # noqa: F401 (fixtures)
+from tiny_models import LLAMA_TEMPLATE, copy_folder, edit_json, transformers_tokenizer
 
 from leangen.decode.text import tokenize
 from leangen.errors import ConfigError
@@ -20,31 +20,25 @@ MULTI_TURN = [{"role": "user", "content": "kalo?"}, {"role": "assistant", "conte
 
 
 def _hf_chat_ids(folder: Path, messages: list[dict]) -> list[int]:
-    out = _hf(folder).apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    out = transformers_tokenizer(folder).apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     return list(out if isinstance(out, list) else out["input_ids"])  # transformers 5: a BatchEncoding
-
-
-def _copy(folder: Path, to: Path) -> Path:
-    for f in folder.iterdir():
-        (to / f.name).write_bytes(f.read_bytes())
-    return to
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen"])
 @pytest.mark.parametrize("messages", [SYSTEM_USER, MULTI_TURN], ids=["system+user", "multi-turn"])
-def test_chat_ids_equal_apply_chat_template(folders, name, messages):
-    tokens = tokenize(messages, HFTokenizer(folders[name])).tokens
-    assert tokens == _hf_chat_ids(folders[name], messages)
+def test_chat_ids_equal_apply_chat_template(tokenizer_folders, name, messages):
+    tokens = tokenize(messages, HFTokenizer(tokenizer_folders[name])).tokens
+    assert tokens == _hf_chat_ids(tokenizer_folders[name], messages)
 
 
-def test_bos_from_the_template_is_not_added_twice(llama_folder):
-    ours = HFTokenizer(llama_folder)
+def test_bos_from_the_template_is_not_added_twice(llama_tokenizer_folder):
+    ours = HFTokenizer(llama_tokenizer_folder)
     tokens = tokenize(SYSTEM_USER, ours).tokens
     assert tokens[0] == ours.bos_id and tokens[1] != ours.bos_id
 
 
-def test_qwen_prompt_ends_with_the_assistant_header(qwen_folder):
-    ours = HFTokenizer(qwen_folder)
+def test_qwen_prompt_ends_with_the_assistant_header(qwen_tokenizer_folder):
+    ours = HFTokenizer(qwen_tokenizer_folder)
     tokens = tokenize([{"role": "user", "content": "kalo?"}], ours).tokens
     text = ours.decode(tokens, skip_special_tokens=False)
     assert text.startswith("<|im_start|>system\nYou are Qwen")  # the template's default system prompt
@@ -52,21 +46,21 @@ def test_qwen_prompt_ends_with_the_assistant_header(qwen_folder):
     assert tokens[-1] not in ours.stop_tokens
 
 
-def test_named_templates_use_default_and_jinja_file_is_read(tmp_path, llama_folder):
-    folder = _copy(llama_folder, tmp_path)
+def test_named_templates_use_default_and_jinja_file_is_read(tmp_path, llama_tokenizer_folder):
+    folder = copy_folder(llama_tokenizer_folder, tmp_path)
     (folder / "chat_template.jinja").unlink()
-    _edit_json(folder / "tokenizer_config.json",
-               chat_template=[{"name": "tool_use", "template": "{{ raise_exception('not this one') }}"},
-                              {"name": "default", "template": LLAMA_TEMPLATE}])
-    assert tokenize(SYSTEM_USER, HFTokenizer(folder)).tokens == _hf_chat_ids(llama_folder, SYSTEM_USER)
-    _edit_json(folder / "tokenizer_config.json", chat_template=[{"name": "tool_use", "template": "x"}])
+    edit_json(folder / "tokenizer_config.json",
+              chat_template=[{"name": "tool_use", "template": "{{ raise_exception('not this one') }}"},
+                             {"name": "default", "template": LLAMA_TEMPLATE}])
+    assert tokenize(SYSTEM_USER, HFTokenizer(folder)).tokens == _hf_chat_ids(llama_tokenizer_folder, SYSTEM_USER)
+    edit_json(folder / "tokenizer_config.json", chat_template=[{"name": "tool_use", "template": "x"}])
     with pytest.raises(ConfigError, match="no 'default'"):
         HFTokenizer(folder)
 
 
-def test_globals_and_filters_as_in_transformers(tmp_path, llama_folder):
+def test_globals_and_filters_as_in_transformers(tmp_path, llama_tokenizer_folder):
     """tojson (no HTML escaping, unicode kept), strftime_now, namespace, loop controls."""
-    folder = _copy(llama_folder, tmp_path)
+    folder = copy_folder(llama_tokenizer_folder, tmp_path)
     template = ("{% set ns = namespace(n=0) %}{% for m in messages %}{% if m.role == 'system' %}{% continue %}"
                 "{% endif %}{% set ns.n = ns.n + 1 %}{{ m | tojson }}{% endfor %}"
                 "{{ ns.n }}{{ strftime_now('%Y') }}{% if add_generation_prompt %}<|eot_id|>!{% endif %}")
@@ -75,32 +69,24 @@ def test_globals_and_filters_as_in_transformers(tmp_path, llama_folder):
     assert tokenize(messages, HFTokenizer(folder)).tokens == _hf_chat_ids(folder, messages)
 
 
-def test_template_errors_are_one_line(tmp_path, llama_folder):
+def test_template_errors_are_one_line(tmp_path, llama_tokenizer_folder):
     with pytest.raises(ConfigError, match="unknown role ipython") as error:
-        tokenize([{"role": "ipython", "content": "x"}], HFTokenizer(llama_folder))
+        tokenize([{"role": "ipython", "content": "x"}], HFTokenizer(llama_tokenizer_folder))
     assert "\n" not in str(error.value)
-    folder = _copy(llama_folder, tmp_path)
+    folder = copy_folder(llama_tokenizer_folder, tmp_path)
     (folder / "chat_template.jinja").write_text("{% for m in messages %}")
     with pytest.raises(ConfigError, match="does not parse"):
         ChatTemplate.from_folder(folder, {}).render(SYSTEM_USER)
 
 
-def test_no_template_refuses_a_chat_prompt_but_encodes_text(tmp_path, llama_folder):
-    folder = _copy(llama_folder, tmp_path)
+def test_no_template_refuses_a_chat_prompt_but_encodes_text(tmp_path, llama_tokenizer_folder):
+    folder = copy_folder(llama_tokenizer_folder, tmp_path)
     (folder / "chat_template.jinja").unlink()
     ours = HFTokenizer(folder)
     assert ours.chat_template is None
     with pytest.raises(ConfigError, match="no chat template"):
         tokenize(SYSTEM_USER, ours)
-    assert tokenize("kalo", ours).tokens == _hf(folder)("kalo")["input_ids"]
-
-
-@pytest.fixture(scope="session")
-def vocab_merges_folder(tmp_path_factory) -> Path:
-    """Only vocab.json + merges.txt (the last resort: torchtune's qwen2 tokenizer)."""
-    folder = tmp_path_factory.mktemp("qwen-vocab")
-    train_bpe([], seed=2, qwen=True).model.save(str(folder))
-    return folder
+    assert tokenize("kalo", ours).tokens == transformers_tokenizer(folder)("kalo")["input_ids"]
 
 
 def test_torchtune_qwen2_prompt_has_no_trailing_end_of_turn(vocab_merges_folder):
@@ -117,24 +103,24 @@ def test_torchtune_qwen2_prompt_has_no_trailing_end_of_turn(vocab_merges_folder)
     assert tokenizer.decode(tokens, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
 
 
-def test_a_template_that_ends_in_a_stop_token_is_kept_as_transformers_renders_it(tmp_path, llama_folder):
+def test_a_template_that_ends_in_a_stop_token_is_kept_as_transformers_renders_it(tmp_path, llama_tokenizer_folder):
     """Phi-3's generation prompt is <|assistant|>, one of its generation_config stop tokens:
     only torchtune's own formats lose a trailing stop token, never a model's template."""
-    folder = _copy(llama_folder, tmp_path)
+    folder = copy_folder(llama_tokenizer_folder, tmp_path)
     (folder / "chat_template.jinja").write_text(
         "{% for m in messages %}{{ '<|start_header_id|>' + m.content + '<|eot_id|>' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|end_header_id|>' }}{% endif %}")
     config = json.loads((folder / "generation_config.json").read_text())
-    end_header = _hf(folder).convert_tokens_to_ids("<|end_header_id|>")
-    _edit_json(folder / "generation_config.json", eos_token_id=config["eos_token_id"] + [end_header])
+    end_header = transformers_tokenizer(folder).convert_tokens_to_ids("<|end_header_id|>")
+    edit_json(folder / "generation_config.json", eos_token_id=config["eos_token_id"] + [end_header])
     ours = HFTokenizer(folder)
     tokens = tokenize(SYSTEM_USER, ours).tokens
     assert tokens[-1] == end_header and end_header in ours.stop_tokens
     assert tokens == _hf_chat_ids(folder, SYSTEM_USER)
 
 
-def test_generation_blocks_render_their_body_as_in_transformers(tmp_path, llama_folder):
-    folder = _copy(llama_folder, tmp_path)
+def test_generation_blocks_render_their_body_as_in_transformers(tmp_path, llama_tokenizer_folder):
+    folder = copy_folder(llama_tokenizer_folder, tmp_path)
     (folder / "chat_template.jinja").write_text(
         "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}"
         "{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}")

@@ -34,6 +34,7 @@ def run(capsys, *args):
 
 # -- shipped task -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_shipped_task_files_are_what_the_script_writes(tmp_path):
     script = resolve_config_path("eval_demo").parents[2] / "tools" / "make_eval_task.py"
     if not script.exists():
@@ -141,6 +142,7 @@ def test_recipe_equals_simple_evaluate_with_few_shot(tmp_path, capsys, chat):
     assert got["results"] == json.loads(json.dumps(want["results"], default=str))
 
 
+@pytest.mark.slow
 def test_outside_git_no_stray_git_output(tmp_path):
     """lm-eval's simple_evaluate ran `git describe` with stderr inherited, which printed
     "fatal: not a git repository" outside a git folder; the recipe no longer calls it."""
@@ -164,6 +166,7 @@ def test_chat_template_runs(tmp_path, capsys):
     assert "acc,none" in json.loads(out.read_text())["lm_eval"]["results"]["counting_mc"]
 
 
+@pytest.mark.slow
 def test_tune_run_finds_the_recipe(tmp_path):
     out = tmp_path / "r.json"
     proc = subprocess.run(
@@ -246,6 +249,7 @@ def test_text_files_that_are_not_paths_give_one_line_errors(tmp_path, capsys, va
     assert_one_line_error(code, err, "perplexity.files", fragment)
 
 
+@pytest.mark.slow
 def test_unknown_task_gives_a_one_line_error(tmp_path, capsys):
     code, _, err = run(capsys, "lm_eval.tasks=[no_such_task]", f"output_file={tmp_path}/r.json")
     assert_one_line_error(code, err, "unknown task 'no_such_task'", str(TASKS))
@@ -256,6 +260,7 @@ def test_max_seq_len_beyond_the_model_gives_a_one_line_error(tmp_path, capsys):
     assert_one_line_error(code, err, "max_seq_len=512", "256")
 
 
+@pytest.mark.slow
 def test_builtin_task_offline_fails_in_one_line_before_the_model_loads(tmp_path):
     """No network needed: offline mode and an empty cache make `datasets` fail at once.
     The checkpoint does not exist, so reaching the model load would give another error."""

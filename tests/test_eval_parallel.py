@@ -91,6 +91,7 @@ def assert_same_perplexity(got, want):
         assert got[name]["nll"] == pytest.approx(want[name]["nll"], rel=1e-6), name
 
 
+@pytest.mark.distributed
 def test_two_ranks_equal_one_process(tmp_path, tasks, one_process):
     tokens = len((demo_dir() / "eval" / "counting.txt").read_text().split())  # one token a word here
     assert len(windows(tokens + 1, 24, 24)) == 8  # BOS + words: 3 batches of 3, split 2 + 1
@@ -120,6 +121,7 @@ def test_two_ranks_equal_one_process(tmp_path, tasks, one_process):
     assert proc.stderr.count("peak host RSS") == 1
 
 
+@pytest.mark.distributed
 def test_tune_run_with_a_failing_rank_ends_the_job_and_names_the_rank(tmp_path):
     """`tune run --nproc_per_node 2 leangen/eval` is torchrun with `python -m leangen.eval`.
     A text file missing on one node, here on rank 1 only (the path holds the rank):
@@ -133,6 +135,7 @@ def test_tune_run_with_a_failing_rank_ends_the_job_and_names_the_rank(tmp_path):
     assert not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.distributed
 def test_a_stuck_rank_times_out_and_is_named(tmp_path):
     """Rank 1 stops answering while scoring (tests/eval_parallel_worker.py): rank 0 waits
     LEANGEN_DIST_TIMEOUT_S at the exchange, names rank 1 and exits; torchrun ends rank 1."""

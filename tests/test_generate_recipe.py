@@ -7,14 +7,10 @@ import sys
 
 import pytest
 import torch
+from tiny_models import GOLDEN, GOLDEN_IDS
 
 from leangen.demo import demo_dir
 from leangen.generate import main
-
-# The demo model's greedy continuation: any loading, conversion or RoPE error changes it.
-GOLDEN = ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-          "fifteen sixteen seventeen eighteen nineteen twenty twenty one twenty")
-GOLDEN_IDS = [38, 39, 22, 19, 35, 15, 63, 62, 60, 57, 55, 54, 53, 52, 51, 50, 41, 41, 46, 41]
 
 
 def run(capsys, *overrides):
@@ -175,6 +171,7 @@ def _env():
     return {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 
+@pytest.mark.slow
 def test_tune_run_from_another_directory(tmp_path):
     result = subprocess.run(["tune", "run", "leangen/generate", "--config", "demo", "max_new_tokens=5"],
                             cwd=tmp_path, capture_output=True, text=True, env=_env(), timeout=300)
@@ -182,6 +179,7 @@ def test_tune_run_from_another_directory(tmp_path):
     assert result.stdout.strip() == "one two three four five six seven eight"
 
 
+@pytest.mark.slow
 def test_python_dash_m_and_bad_config_exit_code(tmp_path):
     result = subprocess.run([sys.executable, "-m", "leangen.generate", "--config", "demo",
                              "checkpoint.path=/missing"], cwd=tmp_path, capture_output=True,
@@ -192,6 +190,7 @@ def test_python_dash_m_and_bad_config_exit_code(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_compile_gives_the_same_tokens_on_cpu(capsys, tmp_path):
     out = tmp_path / "out.jsonl"
     assert run(capsys, "compile=true", "max_new_tokens=6", f"output_file={out}")[0] == 0
@@ -234,6 +233,7 @@ def test_meta_and_torchtune_checkpointers_give_the_golden_tokens(capsys, tmp_pat
     assert records(out)[0]["tokens"] == GOLDEN_IDS
 
 
+@pytest.mark.slow
 def test_console_script(tmp_path):
     script = os.path.join(os.path.dirname(sys.executable), "leangen-generate")
     result = subprocess.run([script, "--config", "demo", "max_new_tokens=3"], cwd=tmp_path,
@@ -242,6 +242,7 @@ def test_console_script(tmp_path):
     assert result.stdout.strip() == "one two three four five six"
 
 
+@pytest.mark.slow
 def test_peak_rss_is_this_process_own_not_its_parents(tmp_path):
     """ru_maxrss survives exec on Linux; the metric must not report a big (2 GiB) parent's peak."""
     # The child imports leangen (torch, torchtune): about 0.5 GB of its own.

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import VOCAB
+from tiny_models import GOLDEN, GOLDEN_IDS, VOCAB
 
 import leangen
 from leangen.decode.generation import generate_steps
@@ -88,7 +88,6 @@ def test_completions_keep_the_stop_token_but_not_in_text_ids_and_take_nothing_af
 
 def test_generate_text_on_the_demo_equals_the_recipe_golden_output():
     from omegaconf import OmegaConf
-    from test_generate_recipe import GOLDEN, GOLDEN_IDS
     from torchtune.models.llama2 import llama2_tokenizer
 
     from leangen.demo import demo_dir

@@ -8,7 +8,14 @@ import warnings
 import pytest
 import torch
 from omegaconf import OmegaConf
-from tiny_models import LLAMA3_ROPE, MAX_SEQ_LEN, hf_logits, make_hf_model, tokens, tune_logits
+from tiny_models import (
+    LLAMA3_ROPE,
+    MAX_SEQ_LEN,
+    VARIANTS,
+    hf_logits,
+    tokens,
+    tune_logits,
+)
 
 import leangen
 from leangen import ConversionError
@@ -16,38 +23,6 @@ from leangen.hf.config import ModelConfig, builder_for, parse_config
 from leangen.recipe.components import model_from_config
 
 SEQ_LEN = 96
-
-# name -> (tiny_models family, tied, transformers config overrides, builder model: auto picks)
-VARIANTS = {
-    "llama-untied": ("llama", False, {}, "torchtune.models.llama2.llama2"),
-    "llama-tied": ("llama", True, {}, "leangen.hf.config.llama2_tied"),
-    "llama-theta": ("llama", True, {"rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}},
-                    "leangen.hf.config.llama2_tied"),
-    "llama3-factor16": ("llama", False, {"max_position_embeddings": 131072, "rope_parameters": {
-        **LLAMA3_ROPE, "factor": 16.0, "rope_theta": 500000.0}}, "torchtune.models.llama3_2.llama3_2"),
-    "mistral": ("mistral", False, {"sliding_window": 4096}, "torchtune.models.mistral.mistral"),
-    "qwen2": ("qwen2", True, {}, "torchtune.models.qwen2.qwen2"),
-    "gemma": ("gemma", True, {}, "torchtune.models.gemma.gemma"),
-    "gemma2": ("gemma2", True, {}, "leangen.hf.config.gemma2"),
-    "phi3": ("phi3", False, {}, "torchtune.models.phi3.phi3"),
-}
-
-
-@pytest.fixture(scope="session")
-def folder(tmp_path_factory):
-    """``folder(variant)`` -> (path, transformers model), saved once per session."""
-    cache = {}
-
-    def get(variant: str):
-        if variant not in cache:
-            family, tied, overrides, _ = VARIANTS[variant]
-            hf_model = make_hf_model(family, tied=tied, **overrides)
-            path = tmp_path_factory.mktemp(variant)
-            hf_model.save_pretrained(path)
-            cache[variant] = path, hf_model
-        return cache[variant]
-
-    return get
 
 
 def _config(path) -> dict:
@@ -57,8 +32,8 @@ def _config(path) -> dict:
 # --- model: auto ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_auto_matches_transformers(folder, variant):
-    path, hf_model = folder(variant)
+def test_auto_matches_transformers(variant_folder, variant):
+    path, hf_model = variant_folder(variant)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # the auto model passes its own cross-check
         model = leangen.load_model("auto", path, dtype="fp32")
@@ -69,8 +44,8 @@ def test_auto_matches_transformers(folder, variant):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_auto_picks_the_builder(folder, variant):
-    path, _ = folder(variant)
+def test_auto_picks_the_builder(variant_folder, variant):
+    path, _ = variant_folder(variant)
     builder, kwargs = builder_for(ModelConfig.from_json(_config(path)))
     assert builder == VARIANTS[variant][3]
     if variant == "llama3-factor16":
@@ -79,8 +54,8 @@ def test_auto_picks_the_builder(folder, variant):
         assert kwargs["rope_base"] == 100000.0
 
 
-def test_auto_kwargs_override_and_config_is_recorded(folder):
-    path, _ = folder("mistral")
+def test_auto_kwargs_override_and_config_is_recorded(variant_folder):
+    path, _ = variant_folder("mistral")
     model = leangen.load_model("auto", path, max_seq_len=MAX_SEQ_LEN)
     assert model.max_seq_len == MAX_SEQ_LEN
     # Mistral's sliding window is not refused (torchtune has none): recorded for the recipes.
@@ -88,23 +63,23 @@ def test_auto_kwargs_override_and_config_is_recorded(folder):
     assert model.leangen.config.model_type == "mistral"
 
 
-def test_auto_through_the_recipe_config(folder):
-    path, hf_model = folder("qwen2")
+def test_auto_through_the_recipe_config(variant_folder):
+    path, hf_model = variant_folder("qwen2")
     cfg = OmegaConf.create({"model": "auto", "checkpoint": {"path": str(path)}, "dtype": "fp32"})
     model = model_from_config(cfg, torch.device("cpu"))
     ids = tokens(16)
     torch.testing.assert_close(tune_logits(model, ids), hf_logits(hf_model, ids), atol=1e-4, rtol=1e-4)
 
 
-def test_auto_without_config_json(tmp_path, folder):
-    path, _ = folder("llama-untied")
+def test_auto_without_config_json(tmp_path, variant_folder):
+    path, _ = variant_folder("llama-untied")
     (tmp_path / "model.safetensors").symlink_to(path / "model.safetensors")
     with pytest.raises(leangen.ConfigError, match="model: auto needs an HF config.json"):
         leangen.load_model("auto", tmp_path)
 
 
-def test_transformers_4_and_5_configs_parse_the_same(folder):
-    v5 = _config(folder("llama3-factor16")[0])
+def test_transformers_4_and_5_configs_parse_the_same(variant_folder):
+    v5 = _config(variant_folder("llama3-factor16")[0])
     v4 = {k: v for k, v in v5.items() if k != "rope_parameters"}
     v4["rope_theta"] = v5["rope_parameters"]["rope_theta"]
     v4["rope_scaling"] = {("type" if k == "rope_type" else k): v
@@ -158,16 +133,16 @@ UNSUPPORTED = {
 
 
 @pytest.mark.parametrize("case", list(UNSUPPORTED))
-def test_unsupported_config_is_refused_in_one_line(folder, case):
+def test_unsupported_config_is_refused_in_one_line(variant_folder, case):
     variant, changes, words = UNSUPPORTED[case]
-    config = ModelConfig.from_json(_with(_config(folder(variant)[0]), **changes))
+    config = ModelConfig.from_json(_with(_config(variant_folder(variant)[0]), **changes))
     with pytest.raises(ConversionError) as e:
         builder_for(config)
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
-def test_unsupported_config_is_refused_by_load_model(tmp_path, folder):
-    path, _ = folder("llama-untied")
+def test_unsupported_config_is_refused_by_load_model(tmp_path, variant_folder):
+    path, _ = variant_folder("llama-untied")
     (tmp_path / "model.safetensors").symlink_to(path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps(_with(_config(path), **_rope("yarn"))))
     with pytest.raises(ConversionError, match="config.json: rope_scaling = 'yarn'"):
@@ -244,8 +219,8 @@ def test_recipe_key_strict_config_false_warns(tiny_checkpoint):
         model_from_config(cfg, torch.device("cpu"))
 
 
-def test_matching_builders_pass_the_check(tiny_checkpoint, folder):
-    path, _ = folder("mistral")  # sliding_window 4096 in config.json: not a mismatch
+def test_matching_builders_pass_the_check(tiny_checkpoint, variant_folder):
+    path, _ = variant_folder("mistral")  # sliding_window 4096 in config.json: not a mismatch
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         leangen.load_model("torchtune.models.mistral.mistral", path, vocab_size=128, num_layers=2,

@@ -10,13 +10,14 @@ from omegaconf import OmegaConf
 from tiny_models import (
     FAMILIES,
     assert_logits_close,
+    copy_checkpoint,
     hf_logits,
     hf_state_dict,
-    make_hf_checkpoint,
     make_hf_model,
     tokens,
     tune_logits,
 )
+from tiny_models import mapped_file as _mapped_file
 
 import leangen
 from leangen import ConfigError, ConversionError, LeangenError
@@ -108,27 +109,6 @@ def test_model_is_in_eval_mode_without_grad(tiny_checkpoint):
 
 # --- zero copy and no write ---------------------------------------------------------
 
-def _file_mappings() -> list[tuple[int, int, str, str]]:
-    """(start, end, permissions, path) of every file mapping of this process."""
-    out = []
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5].startswith("/"):
-                start, end = (int(x, 16) for x in fields[0].split("-"))
-                out.append((start, end, fields[1], fields[5].strip()))
-    return out
-
-
-def _mapped_file(t: torch.Tensor) -> tuple[str, str] | None:
-    """(path, permissions) of the file mapping that holds ``t``'s bytes, if any."""
-    first, last = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size() - 1
-    for start, end, perms, path in _file_mappings():
-        if start <= first and last < end:
-            return path, perms
-    return None
-
-
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 @pytest.mark.parametrize("family", ["llama", "llama3_2"])
 def test_every_parameter_is_the_file_mapping(tiny_checkpoint, family, fmt):
@@ -155,8 +135,8 @@ def test_phi3_fused_split_is_a_view_of_the_file(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
-def test_in_place_edit_never_reaches_the_file(tmp_path, digest, fmt):
-    path, builder, kwargs, _ = make_hf_checkpoint("llama", tmp_path, fmt=fmt)
+def test_in_place_edit_never_reaches_the_file(tiny_checkpoint, tmp_path, digest, fmt):
+    path, builder, kwargs, _ = copy_checkpoint(tiny_checkpoint("llama", fmt=fmt), tmp_path)
     before = digest(path)
     model = leangen.load_model(builder, path, **kwargs)
     w1 = model.get_parameter("layers.0.mlp.w1.weight")

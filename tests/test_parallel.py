@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from test_generate_recipe import GOLDEN
-from tiny_models import make_hf_model
+from tiny_models import BIG_LLAMA_MIN_BYTES, GOLDEN, TP_CASES
 
 from leangen.checkpoint.convert import Geometry
 from leangen.demo import demo_dir
@@ -34,13 +33,6 @@ from leangen.parallel.tensor_parallel import (
 )
 
 WORKER = Path(__file__).with_name("tp_worker.py")
-# (tiny_models family, tied, config overrides): Llama-3-style GQA (4 heads, 2 kv heads,
-# llama3 RoPE scaling, untied: the output is sharded), Mistral, Qwen2 (q/k/v biases, tied).
-CASES = {
-    "llama3": ("llama3_2", False, {}),
-    "mistral": ("mistral", False, {}),
-    "qwen2": ("qwen2", True, {}),
-}
 # Recipe runs compared with one process: (checkpoint, overrides). Sampling checks that the
 # ranks continue with one token (rank 0's); the batch mixes prompt lengths (left padding).
 RUNS = {
@@ -63,8 +55,6 @@ SAME_IDS = [run for run in RUNS if run != "llama3-int8"]
 QUANT = {"llama3-int8": ("llama3", "int8"), "llama3-int4": ("llama3", "int4"), "qwen2-int8": ("qwen2", "int8"),
          "qwen2-int4": ("qwen2", "int4"), "uneven-int4": ("uneven", "int4"), "wide-int8": ("wide", "int8"),
          "wide-int4": ("wide", "int4")}
-SHARD_BYTES = 60_000  # several files per checkpoint: a layer's q/k/v shards come from two files
-BIG_MODEL_MIN_BYTES = 200e6
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
 
 
@@ -87,59 +77,10 @@ def _config(root: Path, name: str, checkpoint: Path) -> Path:
     return path
 
 
-def _big_checkpoint(path: Path) -> Path:
-    """A Llama of about 250 MB (fp32, 2 safetensors files, untied): heads 8/4, hidden 1024."""
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig
-
-    hidden, inter, layers, vocab, heads, kv = 1024, 2816, 4, 8192, 8, 4
-    LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=512,
-                tie_word_embeddings=False).save_pretrained(path)
-    kv_rows = kv * hidden // heads
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
-              "lm_head.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv_rows, hidden),
-            p + "self_attn.v_proj.weight": (kv_rows, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
-            p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
-            p + "mlp.down_proj.weight": (hidden, inter), p + "input_layernorm.weight": (hidden,),
-            p + "post_attention_layernorm.weight": (hidden,)})
-    names = list(shapes)
-    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
-    for file, part in halves.items():
-        save_file({n: torch.full(shapes[n], 0.01) for n in part}, path / file)
-    (path / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {n: f for f, part in halves.items() for n in part}}))
-    return path
-
-
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tp")
-    out = {}
-    for name, (family, tied, overrides) in CASES.items():
-        path = root / name
-        make_hf_model(family, tied=tied, vocab_size=96, **overrides).save_pretrained(path, max_shard_size=SHARD_BYTES)
-        out[name] = path
-    # vocabulary 97: the embedding and output rows split unevenly (49 + 48)
-    out["uneven"] = root / "uneven"
-    make_hf_model("llama3_2", tied=False, vocab_size=97).save_pretrained(out["uneven"], max_shard_size=SHARD_BYTES)
-    out["big"] = _big_checkpoint(root / "big")
-    # wide enough for int4's group of 128 on a rank's half of o_proj (256) and of w2 (512)
-    out["wide"] = root / "wide"
-    make_hf_model("llama3_2", tied=False, vocab_size=96, hidden_size=256, intermediate_size=512,
-                  head_dim=64).save_pretrained(out["wide"], max_shard_size=4 * SHARD_BYTES)
-    # what 2 ranks cannot split: 3 kv heads (of 6), an MLP 131 wide
-    out["kv3"] = root / "kv3"
-    make_hf_model("llama3_2", tied=False, num_attention_heads=6, num_key_value_heads=3, hidden_size=48,
-                  head_dim=8).save_pretrained(out["kv3"])
-    out["mlp131"] = root / "mlp131"
-    make_hf_model("llama3_2", tied=False, intermediate_size=131).save_pretrained(out["mlp131"])
-    return root, out
+def folders(tmp_path_factory, tp_checkpoints):
+    """(a folder for this module's configs and outputs, the checkpoints by name)."""
+    return tmp_path_factory.mktemp("tp"), tp_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +123,7 @@ def _ids(path: Path) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("run", SAME_IDS)
+@pytest.mark.distributed
 def test_tensor_parallel_ids_equal_one_process(run, folders, tp_run, tmp_path, capsys):
     root, paths = folders
     out, _ = tp_run
@@ -199,12 +141,13 @@ def test_tensor_parallel_ids_equal_one_process(run, folders, tp_run, tmp_path, c
 def test_checkpoints_are_sharded_across_files(folders):
     """Each rank's q/k/v rows of some layer come from more than one file."""
     _, paths = folders
-    for case in CASES:
+    for case in TP_CASES:
         weight_map = json.loads((paths[case] / "model.safetensors.index.json").read_text())["weight_map"]
         layer_files = {weight_map[f"model.layers.{i}.self_attn.{p}_proj.weight"] for i in range(2) for p in "qkv"}
         assert len(set(weight_map.values())) >= 3 and len(layer_files) >= 2, case
 
 
+@pytest.mark.distributed
 def test_only_rank_0_prints_and_writes(tp_run):
     out, done = tp_run
     # each completion once: streamed (single prompts) or printed after its batch
@@ -215,6 +158,7 @@ def test_only_rank_0_prints_and_writes(tp_run):
 
 
 @pytest.mark.parametrize("job", ["shards", "shards-permuted"])
+@pytest.mark.distributed
 def test_each_rank_holds_only_its_shard(job, tp_run):
     """``shards-permuted``: the model keeps its interleaved RoPE, so the HF q/k rows are
     permuted, on a rank within its own heads (2 of 4 for q, 1 of 2 for k)."""
@@ -241,6 +185,7 @@ def test_each_rank_holds_only_its_shard(job, tp_run):
         assert result["logits_max_diff"] < 1e-4
 
 
+@pytest.mark.distributed
 def test_each_rank_maps_its_slice_without_copying_the_model(tp_run):
     """Peak anonymous memory growth while a rank loads: the anon memory after imports,
     process group and mesh is the baseline subtracted. Row shards are mmap views; only
@@ -248,11 +193,12 @@ def test_each_rank_maps_its_slice_without_copying_the_model(tp_run):
     out, _ = tp_run
     for rank in (0, 1):
         result = _result(out, "memory", rank)
-        assert result["model_bytes"] > BIG_MODEL_MIN_BYTES
+        assert result["model_bytes"] > BIG_LLAMA_MIN_BYTES
         assert result["peak_anon_growth"] < 0.6 * result["model_bytes"], result
         assert result["local_param_bytes"] < 0.6 * result["model_bytes"], result
 
 
+@pytest.mark.distributed
 def test_readme_command_tune_run_nproc_per_node(tmp_path):
     """The README's ``tune run --nproc_per_node 2 leangen/generate --config demo``: the
     demo's golden count, printed once, and the metrics of rank 0."""
@@ -267,6 +213,7 @@ def test_readme_command_tune_run_nproc_per_node(tmp_path):
     assert metrics["tensor_parallel"]["ranks"] == 2 and metrics["generated_tokens"] == 20
 
 
+@pytest.mark.distributed
 def test_a_failing_rank_ends_the_job_and_is_named(tp_run):
     _, done = tp_run
     assert done.returncode != 0
@@ -278,6 +225,7 @@ def test_a_failing_rank_ends_the_job_and_is_named(tp_run):
     assert "[rank0]: Traceback" not in done.stderr and "[rank1]: Traceback" not in done.stderr
 
 
+@pytest.mark.distributed
 def test_what_the_ranks_cannot_split_is_refused_in_one_line(tp_run):
     out, _ = tp_run
     for rank in (0, 1):
@@ -292,6 +240,7 @@ def _quant(out: Path, job: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("job", list(QUANT))
+@pytest.mark.distributed
 def test_each_rank_quantizes_exactly_its_own_shard(job, tp_run):
     """Every sharded Linear's local weight is the rank's slice quantized on its own
     (compared as the dense matrix each kernel multiplies by), and where the math allows,
@@ -325,6 +274,7 @@ def test_each_rank_quantizes_exactly_its_own_shard(job, tp_run):
 
 
 @pytest.mark.parametrize("job", list(QUANT))
+@pytest.mark.distributed
 def test_tensor_parallel_quantized_logits(job, tp_run):
     """(a) The ranks compute exactly the one-process model whose Linears hold the
     per-shard quantized weights: 1e-4 as for fp32 above (the all-reduce sums partial
@@ -343,6 +293,7 @@ def test_tensor_parallel_quantized_logits(job, tp_run):
 
 
 @pytest.mark.parametrize("job", list(QUANT))
+@pytest.mark.distributed
 def test_each_rank_counts_what_it_quantized_and_a_tied_output_is_quantized_whole(job, tp_run):
     out, _ = tp_run
     weight = {"int8": "AffineQuantizedTensor", "int4": "Int4OpaqueTensor"}[QUANT[job][1]]
@@ -357,6 +308,7 @@ def test_each_rank_counts_what_it_quantized_and_a_tied_output_is_quantized_whole
         assert result["output"] == ["Linear" if job.startswith("qwen2") else "ShardLinear", weight]
 
 
+@pytest.mark.distributed
 def test_the_int8_recipe_reports_per_rank_quantization_and_no_cache(folders, tp_run):
     root, paths = folders
     out, _ = tp_run

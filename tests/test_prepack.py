@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_generate_recipe import GOLDEN_IDS
-from test_load import _mapped_file
-from test_quantize import TOKENS, load_demo
+from tiny_models import DEMO_TOKENS, GOLDEN_IDS, load_demo, mapped_file, run_recipe
 
 import leangen
 from leangen.errors import ConfigError
@@ -19,7 +17,7 @@ def test_prepacked_logits_equal_the_plain_model(dtype):
     assert packed.leangen.prepacked == 15 and plain.leangen.prepacked is None  # 2x7 + output
     assert all(type(m) is not torch.nn.Linear for m in packed.modules())
     with torch.no_grad():
-        want, got = plain(TOKENS), packed(TOKENS)
+        want, got = plain(DEMO_TOKENS), packed(DEMO_TOKENS)
     # oneDNN's blocked kernel sums in another order than torch's plain linear: fp32 rounding
     # differs in the last bits; bf16 results were bit-identical when measured
     torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=0)
@@ -41,7 +39,7 @@ def test_tied_output_gets_a_packed_copy_and_the_embedding_stays_the_mmap(tiny_ch
     model = leangen.load_model(ckpt.builder, ckpt.path, prepack=True, **ckpt.builder_kwargs)
     reference = leangen.load_model(ckpt.builder, ckpt.path, **ckpt.builder_kwargs)
     assert isinstance(model.output, PrepackedLinear)
-    mapped = _mapped_file(model.tok_embeddings.weight)
+    mapped = mapped_file(model.tok_embeddings.weight)
     assert mapped is not None and mapped[0] in {str(f.resolve()) for f in ckpt.path.glob("*.safetensors")}
     tokens = torch.tensor([[1, 5, 9, 17, 33, 65]])
     with torch.no_grad():
@@ -57,11 +55,9 @@ def test_quantized_layers_are_left_to_torchao():
 def test_recipe_prepack_gives_the_golden_tokens(capsys, tmp_path):
     import json
 
-    from test_generate_recipe import run
-
     out, metrics = tmp_path / "out.jsonl", tmp_path / "metrics.json"
-    code, _, _ = run(capsys, "prepack=true", "dtype=bf16", "max_new_tokens=6",
-                     f"output_file={out}", f"metrics_file={metrics}")
+    code, _, _ = run_recipe(capsys, "--config", "demo", "prepack=true", "dtype=bf16", "max_new_tokens=6",
+                            f"output_file={out}", f"metrics_file={metrics}")
     assert code == 0
     assert json.loads(out.read_text())["tokens"] == GOLDEN_IDS[:6]
     assert json.loads(metrics.read_text())["prepacked"] == 15
@@ -70,9 +66,7 @@ def test_recipe_prepack_gives_the_golden_tokens(capsys, tmp_path):
 def test_recipe_refuses_prepack_with_compile_before_loading(capsys):
     """inductor's freezing was meant to pack for a compiled run, but its decode-step code
     keeps plain matmuls (no gain), and PrepackedLinear cannot be compiled: one line."""
-    from test_generate_recipe import run
-
-    code, _, err = run(capsys, "prepack=true", "compile=true", "dtype=bf16")
+    code, _, err = run_recipe(capsys, "--config", "demo", "prepack=true", "compile=true", "dtype=bf16")
     assert code != 0
     assert "prepack and compile do not combine" in err and "Traceback" not in err
     assert "load " not in err  # refused before anything was loaded

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_load import _mapped_file
-from tiny_models import make_hf_checkpoint
+from tiny_models import copy_checkpoint
+from tiny_models import mapped_file as _mapped_file
 
 import leangen
 import leangen.quant.cache as quant_cache
@@ -54,9 +54,9 @@ def load_warned(ckpt, **kwargs) -> tuple[torch.nn.Module, list[str]]:
 
 
 @pytest.fixture
-def own_checkpoint(tmp_path):
+def own_checkpoint(tiny_checkpoint, tmp_path):
     """A tiny tied llama3_2 checkpoint this test may change (touch, overwrite)."""
-    return make_hf_checkpoint("llama3_2", tmp_path / "checkpoint")
+    return copy_checkpoint(tiny_checkpoint("llama3_2"), tmp_path / "checkpoint")
 
 
 # -- a hit is the same model, made without quantizing ------------------------------------
@@ -312,7 +312,8 @@ def test_a_failed_write_leaves_neither_an_entry_nor_a_temp_file(tiny_checkpoint,
 # -- the recipes ---------------------------------------------------------------------------
 
 def test_the_recipes_write_then_hit_the_cache_and_say_so(capsys, cache_home, tmp_path):
-    from test_recipe_cli import GOLDEN_IDS, run
+    from tiny_models import GOLDEN_IDS
+    from tiny_models import run_recipe as run
 
     from leangen.eval import main as eval_main
 

@@ -6,27 +6,16 @@ import functools
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-from test_generate_recipe import GOLDEN_IDS
-from test_load import _mapped_file
+from tiny_models import DEMO_PROMPT as PROMPT
+from tiny_models import DEMO_TOKENS as TOKENS
+from tiny_models import GOLDEN_IDS, load_demo
+from tiny_models import mapped_file as _mapped_file
 
 import leangen
 from leangen.demo import demo_dir
 from leangen.errors import ConfigError
 from leangen.quant.quantize import Quantizer, QuantSpec, tensor_bytes
-from leangen.recipe.cli import resolve_config_path
 from leangen.recipe.metrics import model_bytes
-
-PROMPT = [1, 46, 47, 44]  # BOS "one two three", as the recipe tokenizes it
-# the demo's tokens for "one two three four five six seven": a real sequence of its data
-TOKENS = torch.tensor([PROMPT + GOLDEN_IDS[:4]])
-
-
-def load_demo(**kwargs) -> torch.nn.Module:
-    model = OmegaConf.to_container(OmegaConf.load(resolve_config_path("demo")).model)
-    builder = model.pop("_component_")
-    model["norm_eps"] = float(model["norm_eps"])  # YAML reads 1e-5 as a string
-    return leangen.load_model(builder, demo_dir(), **{**model, **kwargs})
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
+@pytest.mark.slow
 def test_api_example_runs_as_written(tmp_path):
     block = re.search(r"<!-- api-example -->\n```python\n(.*?)```", README.read_text(), re.S).group(1)
     result = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True,

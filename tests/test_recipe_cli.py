@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from tiny_models import GOLDEN_IDS
 
 from leangen.eval import EvalConfig
 from leangen.eval import main as eval_main
@@ -74,6 +75,7 @@ def test_copy_config_into_a_missing_folder_is_refused(capsys, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.slow
 def test_tune_run_passes_help_through(tmp_path):
     result = subprocess.run(["tune", "run", "leangen/generate", "--config", "demo", "--help"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -111,6 +113,7 @@ def test_a_mapping_over_a_list_is_one_line(capsys):
     assert err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_help_into_a_closed_pipe_is_quiet():
     result = subprocess.run(f"{sys.executable} -m leangen.eval --help | head -1", shell=True,
                             capture_output=True, text=True, timeout=300)
@@ -141,6 +144,7 @@ def test_read_only_output_fails_before_the_model_loads(capsys, read_only_dir, ke
 # -- Ctrl-C -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.slow
 def test_ctrl_c_or_kill_exits_with_one_line_and_keeps_the_finished_completions(tmp_path, signum, code):
     prompts = [f"{word} one two" for word in ("three", "seven", "eleven", "twenty")] * 100
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
@@ -187,6 +191,7 @@ def test_threads_key_sets_torch_threads(capsys, tmp_path):
     assert code == 0 and json.loads((tmp_path / "m.json").read_text())["threads"] == 2
 
 
+@pytest.mark.slow
 def test_omp_num_threads_is_honoured_and_a_bf16_run_prints_only_the_summary(tmp_path):
     """bf16 on CPU makes torchtune's RMSNorm warn; torchao warns at import: neither may
     reach a recipe's stderr, which holds the one summary line."""
@@ -235,9 +240,6 @@ def test_prompts_file_shows_progress_only_on_a_terminal(capsys, tmp_path, monkey
 
 
 # -- quantization through the recipes ---------------------------------------------
-
-GOLDEN_IDS = [38, 39, 22, 19, 35, 15, 63, 62, 60, 57, 55, 54, 53, 52, 51, 50, 41, 41, 46, 41]
-
 
 def test_quantize_int8_keeps_the_demo_golden_tokens_and_counts_its_bytes(capsys, tmp_path):
     out, metrics = tmp_path / "out.jsonl", tmp_path / "m.json"
