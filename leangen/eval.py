@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, List, Optional
+from typing import Any, ClassVar, List, Optional, Union
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -61,7 +61,7 @@ from leangen.recipe.metrics import peak_host_rss_bytes, quant_cache_metrics, sum
 class PerplexityConfig:
     # Any, not List[str]: OmegaConf refuses `perplexity.files=/x.txt` for a list field,
     # and one path is a fine answer. _text_files turns it into a list of paths.
-    files: Any = config_key([], "text files (one path, or a list); not folders")
+    files: Any = config_key([], "text files (one path, or a list); not folders", cli_type=Union[str, List[str]])
     stride: Optional[int] = config_key(None, "tokens between windows (null: max_seq_len, disjoint)")
 
 

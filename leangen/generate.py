@@ -17,7 +17,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Dict, Optional, Union
 
 import torch
 from omegaconf import DictConfig
@@ -55,7 +55,8 @@ class GenerateConfig(ModelKeys):
     RECIPE: ClassVar[str] = "generate"
 
     seed: Optional[int] = config_key(1234, "random seed for sampling (null: not seeded)")
-    prompt: Optional[Any] = config_key(None, "a string (raw completion after BOS) or {system, user} (chat)")
+    prompt: Optional[Any] = config_key(None, "a string (raw completion after BOS) or {system, user} (chat)",
+                                       cli_type=Optional[Union[str, Dict[str, Optional[str]]]])
     add_bos: str = config_key("auto", "BOS before a raw prompt: auto (as transformers' "
                                       "tokenizer(text) for the folder) | true | false")
     prompts_file: Optional[str] = config_key(None, ".txt (a prompt a line) or .jsonl ({prompt} or "
