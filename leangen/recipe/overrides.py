@@ -173,11 +173,11 @@ def _read(hint: Any, text: Any) -> Any:
     if isinstance(text, str) and text == NULL and _is_optional(hint):
         return None
     members = typing.get_args(inner) if typing.get_origin(inner) is Union else (inner,)
+    if str in members and isinstance(text, str):
+        return _text_or_block(members, text)
     for member in members:
         if _starts_block(member, text):
             return _read_block(member, text)
-    if str in members and isinstance(text, str):
-        return _verbatim(text)
     if len(members) == 1 and _is_block(inner):
         if typing.get_origin(inner) is list and isinstance(text, str):
             return [_read(typing.get_args(inner)[0], text)]  # one item: a list of one
@@ -189,6 +189,21 @@ def _read(hint: Any, text: Any) -> Any:
         except ValidationError:
             raise _Unreadable(_expected(hint), example) from None
     raise _Unreadable(_expected(hint))
+
+
+def _text_or_block(members: tuple, text: str) -> Any:
+    """A key that takes text or a block: the block only when the value is written as one
+    (``{system: ..., user: ...}``, ``[a, b]``) with every entry given; any other text,
+    ``{x}`` and ``[1, 2, 3] reversed`` included, is the text."""
+    for member in members:
+        if _starts_block(member, text):
+            try:
+                block = _read_block(member, text)
+            except _Unreadable:
+                break
+            if all(v not in ("", None) for v in (block.values() if isinstance(block, dict) else block)):
+                return block
+    return _verbatim(text)
 
 
 def _verbatim(text: str) -> str:
