@@ -283,3 +283,68 @@ def test_a_torchtune_quantizer_block_runs_as_int4(capsys, tmp_path):
 def test_bad_quantize_settings_fail_before_the_load(capsys, argv, message):
     code, _, err = run(capsys, "--config", "demo", "checkpoint.path=/no/such/dir", *argv)
     assert code == 1 and message in err and err.count("\n") == 1
+
+
+# -- tokenizer.path with tokenizer: auto --------------------------------------------
+
+@pytest.fixture(scope="module")
+def folder_without_tokenizer(tmp_path_factory):
+    """``folder_without_tokenizer(vocab)``: a tiny llama folder as the Hub has it, minus
+    its tokenizer files, with the vocabulary of the tokenizer it will be given."""
+    from tiny_models import make_hf_model
+
+    cache = {}
+
+    def get(vocab: int = 512):  # 512: room for the BPE of make_llama_folder; the demo's has 96
+        if vocab not in cache:
+            cache[vocab] = tmp_path_factory.mktemp(f"no-tokenizer-{vocab}")
+            make_hf_model("llama", vocab_size=vocab).save_pretrained(cache[vocab])
+        return cache[vocab]
+
+    return get
+
+
+def _bpe_folder(root):
+    from test_hf_tokenizer import make_llama_folder
+
+    return make_llama_folder(root)
+
+
+def _spm_folder(root):
+    from leangen.demo import demo_dir
+
+    root.mkdir()
+    (root / "tokenizer.model").write_bytes((demo_dir() / "tokenizer.model").read_bytes())
+    return root
+
+
+@pytest.mark.parametrize("make, pick, vocab", [
+    (_bpe_folder, lambda folder: folder / "tokenizer.json", 512),
+    (_bpe_folder, lambda folder: folder, 512),
+    (_spm_folder, lambda folder: folder / "tokenizer.model", 96),
+])
+def test_tokenizer_path_with_tokenizer_auto_reads_that_file_or_folder(capsys, tmp_path, folder_without_tokenizer,
+                                                                       make, pick, vocab):
+    from leangen.decode.text import tokenize
+    from leangen.hf.tokenizer import tokenizer_from_folder
+
+    folder = make(tmp_path / "tok")
+    out = tmp_path / "out.jsonl"
+    code, _, err = run(capsys, "--config", "auto", f"checkpoint.path={folder_without_tokenizer(vocab)}",
+                       f"tokenizer.path={pick(folder)}", "prompt=ruti sa vo", "max_new_tokens=2",
+                       f"output_file={out}")
+    assert code == 0, err
+    [record] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["prompt_tokens"] == tokenize("ruti sa vo", tokenizer_from_folder(folder), add_bos="auto").tokens
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["tokenizer.path=/no/such/tokenizer.json"], "error: tokenizer.path: '/no/such/tokenizer.json' does not exist."),
+    (["tokenizer.path=CONFIG"], "is not a file tokenizer: auto reads"),
+    (["tokenizer.max_len=3"], "error: tokenizer.max_len: without a _component_, the tokenizer block takes path"),
+])
+def test_tokenizer_path_mistakes_are_one_line(capsys, folder_without_tokenizer, argv, message):
+    folder = folder_without_tokenizer()
+    argv = [a.replace("CONFIG", str(folder / "config.json")) for a in argv]
+    code, _, err = run(capsys, "--config", "auto", f"checkpoint.path={folder}", *argv)
+    assert code == 1 and message in err and err.count("\n") == 1
