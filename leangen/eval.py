@@ -201,8 +201,9 @@ def _reject_bad_options(cfg: DictConfig, writes: bool = True) -> None:
         cfg.perplexity.files = _text_files(cfg.perplexity.files)
     if cfg.model is None or cfg.tokenizer is None:
         raise ConfigError("the config needs a 'model' and a 'tokenizer' block.")
-    if cfg.max_seq_len < 2 or cfg.batch_size < 1:
-        raise ConfigError("max_seq_len must be at least 2 and batch_size at least 1.")
+    for key, least in (("max_seq_len", 2), ("batch_size", 1)):
+        if cfg[key] < least:
+            raise ConfigError(f"{key}={cfg[key]}: give at least {least}.")
     if not (cfg.perplexity and cfg.perplexity.files) and not (cfg.lm_eval and cfg.lm_eval.tasks):
         raise ConfigError("nothing to evaluate: set perplexity.files and/or lm_eval.tasks.")
     stride = cfg.perplexity.stride if cfg.perplexity else None

@@ -213,8 +213,9 @@ def _reject_bad_options(cfg: DictConfig, ranks: distributed.Ranks = distributed.
         check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    if cfg.max_new_tokens < 1 or cfg.batch_size < 1:
-        raise ConfigError("max_new_tokens and batch_size must be at least 1.")
+    for key in ("max_new_tokens", "batch_size"):
+        if cfg[key] < 1:
+            raise ConfigError(f"{key}={cfg[key]}: give at least 1.")
     quant_spec(cfg)  # a bad quantize/quantizer value fails before the load
     if ranks.distributed:
         unsupported = [k for k in ("prepack", "compile") if cfg.get(k)]  # quantize: per rank

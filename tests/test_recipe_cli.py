@@ -348,3 +348,39 @@ def test_tokenizer_path_mistakes_are_one_line(capsys, folder_without_tokenizer, 
     argv = [a.replace("CONFIG", str(folder / "config.json")) for a in argv]
     code, _, err = run(capsys, "--config", "auto", f"checkpoint.path={folder}", *argv)
     assert code == 1 and message in err and err.count("\n") == 1
+
+
+# -- the other recipe's config --------------------------------------------------------
+
+@pytest.mark.parametrize("recipe, name, other", [(main, "eval_auto", "eval"), (eval_main, "demo", "generate"),
+                                                 (main, "eval_demo", "eval")])
+def test_the_other_recipes_packaged_config_says_which_recipe_runs_it(capsys, recipe, name, other):
+    code, _, err = run(capsys, "--config", name, recipe=recipe)
+    assert code == 1
+    assert err == (f"error: {name} is a config for leangen/{other}: run `tune run leangen/{other} "
+                   f"--config {name}` (or leangen-{other}).\n")
+
+
+def test_a_user_config_whose_keys_fit_the_other_recipe_says_so(capsys, tmp_path):
+    mine = tmp_path / "mine.yaml"  # no header comment: the keys tell
+    lines = resolve_config_path("eval_demo").read_text().splitlines()
+    mine.write_text("".join(line + "\n" for line in lines if not line.startswith("#")))
+    code, _, err = run(capsys, "--config", str(mine))
+    assert code == 1 and err.startswith(f"error: {mine} is a config for leangen/eval: run `tune run leangen/eval")
+
+
+def test_a_user_config_with_a_stray_key_is_still_this_recipes(capsys, tmp_path):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(resolve_config_path("demo").read_text() + "max_seq_len: 64\n")
+    code, _, err = run(capsys, "--config", str(mine))
+    assert code == 1 and err.startswith(f"error: {mine}: unknown key 'max_seq_len'. Did you mean 'max_new_tokens'?")
+
+
+@pytest.mark.parametrize("recipe, config, override", [
+    (main, "demo", "max_new_tokens=0"), (main, "demo", "batch_size=0"),
+    (eval_main, "eval_demo", "max_seq_len=1"), (eval_main, "eval_demo", "batch_size=0"),
+])
+def test_a_too_small_count_names_its_key(capsys, recipe, config, override):
+    code, _, err = run(capsys, "--config", config, override, recipe=recipe)
+    least = 2 if override.startswith("max_seq_len") else 1
+    assert code == 1 and err == f"error: {override}: give at least {least}.\n"
