@@ -30,8 +30,14 @@ the ranks', and ``tokens_per_second`` is all ranks' tokens over the longest rank
 # No `from __future__ import annotations`: `tune run` executes this module as
 # __main__ while sys.modules["__main__"] stays tune's own script, so OmegaConf
 # would look the dataclasses' string annotations up in the wrong module.
-import json
 import sys
+
+if __name__ == "__main__":  # python -m / tune run: import and run this module through the entry
+    from leangen.recipe.console import launch  # point, so that Ctrl-C during its imports is one line
+
+    sys.exit(launch("leangen.eval"))
+
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,6 +282,3 @@ def main(argv: list[str]) -> None:
     recipe.setup(cfg)
     recipe.evaluate(cfg)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

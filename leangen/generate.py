@@ -10,9 +10,15 @@ tokens, and only rank 0 prints and writes files.
 """
 
 
+import sys
+
+if __name__ == "__main__":  # python -m / tune run: import and run this module through the entry
+    from leangen.recipe.console import launch  # point, so that Ctrl-C during its imports is one line
+
+    sys.exit(launch("leangen.generate"))
+
 import functools
 import json
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -244,6 +250,3 @@ def main(argv: list[str]) -> None:
     recipe.setup(cfg)
     recipe.generate(cfg)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -179,6 +179,46 @@ def test_ctrl_c_or_kill_exits_with_one_line_and_keeps_the_finished_completions(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "prompts.txt"]  # no .part left
 
 
+ENTRY_POINTS = {
+    "python -m leangen.generate": [*GENERATE, "--config", "demo", "prompts_file=prompts.txt", "batch_size=1"],
+    "leangen-generate": [sys.executable, "-c", "import sys; from leangen.recipe.console import generate; "
+                         "sys.exit(generate())", "--config", "demo", "prompts_file=prompts.txt", "batch_size=1"],
+    "python -m leangen.eval": [sys.executable, "-m", "leangen.eval", "--config", "eval_demo",
+                               "perplexity.files=text.txt", "batch_size=1", "output_file=null"],
+}
+
+
+def _loaded(pid: int, library: str) -> bool:
+    """Whether the process has ``library`` mapped (or has ended)."""
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            return library in maps.read()
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc to see torch being imported")
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_ctrl_c_while_torch_imports_is_one_line(tmp_path, entry):
+    """The signal goes once torch's library is mapped: Python's handler is in place and the
+    imports are under way. Whatever moment it lands from then on (imports, load, decode),
+    the answer is one 'interrupted' line and exit 130."""
+    (tmp_path / "prompts.txt").write_text("one two three\n" * 400)  # long enough to be running
+    (tmp_path / "text.txt").write_text("one two three four five six seven eight nine ten\n" * 4000)
+    proc = subprocess.Popen(ENTRY_POINTS[entry], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=_quiet_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        while not _loaded(proc.pid, "libtorch_cpu"):
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err.count("\n") == 1 and err.startswith("interrupted") and "Traceback" not in err
+
+
 # -- threads and stderr -----------------------------------------------------------
 
 def test_threads_key_sets_torch_threads(capsys, tmp_path):
@@ -384,3 +424,16 @@ def test_a_too_small_count_names_its_key(capsys, recipe, config, override):
     code, _, err = run(capsys, "--config", config, override, recipe=recipe)
     least = 2 if override.startswith("max_seq_len") else 1
     assert code == 1 and err == f"error: {override}: give at least {least}.\n"
+
+
+def test_strict_config_false_is_one_warning_line_that_says_what_happened(capsys, tmp_path):
+    out = tmp_path / "out.jsonl"
+    code, _, err = run(capsys, "--config", "demo", "checkpoint.strict_config=false", "model.rope_base=500000",
+                       "max_new_tokens=2", f"output_file={out}")
+    assert code == 0 and out.is_file()
+    warning, summary = err.splitlines()
+    assert warning == ("warning: the model builder does not match the checkpoint's config.json (rope_theta: "
+                       "builder 500000, checkpoint 10000.0); loaded anyway because checkpoint.strict_config is "
+                       "false (strict_config=False): its outputs may be wrong. Use model: auto, or fix the "
+                       "builder's arguments.")
+    assert summary.startswith("load ")

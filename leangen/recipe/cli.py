@@ -33,11 +33,9 @@ from yaml import YAMLError
 
 from leangen.demo import demo_dir
 from leangen.errors import ConfigError, Interrupted, LeangenError
-from leangen.parallel.ranks import error_prefix, peer_failure, stop
+from leangen.parallel.ranks import peer_failure, stop
+from leangen.recipe.console import DEBUG_ENV, INTERRUPTED, print_line, show_warning
 from leangen.recipe.overrides import apply_overrides, type_name
-
-DEBUG_ENV = "LEANGEN_DEBUG"
-
 
 def _demo_file(name: str = "") -> str:
     return str(demo_dir() / name)
@@ -315,28 +313,29 @@ def _one_line(e: Exception) -> str:
 def run_recipe(main: Callable[[list[str]], Any]) -> Callable[[list[str] | None], int]:
     """Wrap a recipe's main: user errors print one line and exit 1; Ctrl-C (SIGINT) and
     `kill` (SIGTERM) print one line, keep what was finished, and exit 128 + the signal;
-    no traceback unless LEANGEN_DEBUG=1. Known third-party noise is silenced so that
-    stderr holds only leangen's summary."""
+    warnings print as one ``warning:`` line; no traceback unless LEANGEN_DEBUG=1. Known
+    third-party noise is silenced so that stderr holds only leangen's summary."""
 
     @functools.wraps(main)
     def wrapper(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:] if argv is None else argv
-        quiet_known_warnings()
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
-        try:
+        with warnings.catch_warnings():  # restores the caller's filters and showwarning
+            quiet_known_warnings()
+            warnings.showwarning = show_warning
             try:
-                main(argv)
-            except Exception as e:  # a torchrun peer that died: one line, not a collective's traceback
-                raise peer_failure(e) or e
-        except (LeangenError, FileNotFoundError, KeyboardInterrupt) as e:
-            if os.environ.get(DEBUG_ENV):
-                raise
-            # one line whatever the message holds (torchtune's errors span several)
-            print(error_prefix() + _error_line(e), file=sys.stderr, flush=True)
-            return _exit_code(e)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-            stop()  # leave a torchrun process group, if the recipe joined one
+                try:
+                    main(argv)
+                except Exception as e:  # a torchrun peer that died: one line, not a collective's traceback
+                    raise peer_failure(e) or e
+            except (LeangenError, FileNotFoundError, KeyboardInterrupt) as e:
+                if os.environ.get(DEBUG_ENV):
+                    raise
+                print_line(_error_line(e))  # torchtune's errors span several lines
+                return _exit_code(e)
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+                stop()  # leave a torchrun process group, if the recipe joined one
         return 0
 
     return wrapper
@@ -363,9 +362,9 @@ def _exit_code(e: BaseException) -> int:
 
 def _error_line(e: BaseException) -> str:
     if isinstance(e, KeyboardInterrupt):
-        return "interrupted (SIGTERM)." if isinstance(e, Terminated) else "interrupted (Ctrl-C)."
+        return "interrupted (SIGTERM)." if isinstance(e, Terminated) else INTERRUPTED
     prefix = "interrupted" if isinstance(e, Interrupted) else "error"
-    return f"{prefix}: " + " ".join(str(e).split())
+    return f"{prefix}: {e}"
 
 
 def quiet_known_warnings() -> None:
