@@ -192,3 +192,17 @@ def test_a_bad_prompt_mapping_names_the_key(capsys):
     code = main(["--config", "demo", "prompt={usr: hi}"])
     assert code == 1
     assert capsys.readouterr().err.startswith("error: prompt.usr: a chat prompt has only 'system' and 'user'")
+
+
+def test_a_plain_value_for_the_checkpoint_block_says_what_to_set(capsys):
+    code = main(["--config", "demo", "checkpoint=/models/x"])
+    assert code == 1
+    assert capsys.readouterr().err == ("error: checkpoint: '/models/x' is not a block; set "
+                                       "checkpoint.path=/path/to/model (a directory, a file or a list of files).\n")
+
+
+def test_an_empty_value(capsys, tmp_path):
+    [record] = _generate(capsys, tmp_path, "prompt=")
+    assert record["prompt"] == "" and record["prompt_tokens"] == _demo_tokens("")
+    assert main(["--config", "demo", "prompt.user="]) == 1
+    assert capsys.readouterr().err == "error: prompt.user is empty: give the user's message.\n"

@@ -73,6 +73,9 @@ def checkpoint_source(cfg: DictConfig) -> tuple[Any, str]:
         raise ConfigError("set either 'checkpoint' or 'checkpointer', not both.")
     if cfg.get("checkpoint") is not None:
         block = cfg.checkpoint
+        if not OmegaConf.is_dict(block):
+            raise ConfigError(f"checkpoint: '{block}' is not a block; set checkpoint.path=/path/to/model "
+                              "(a directory, a file or a list of files).")
         if block.get("path") is None:
             raise ConfigError("checkpoint.path is not set: give a directory, a file or a list of files.")
         path = OmegaConf.to_object(block.path) if OmegaConf.is_list(block.path) else block.path
