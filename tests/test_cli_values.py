@@ -136,6 +136,7 @@ def test_eval_blocks_read_by_their_schema(override, expected):
     ("checkpoint.path=/models/run: 2", "checkpoint.path", "/models/run: 2"),
     ("checkpoint.path=/models/a #2", "checkpoint.path", "/models/a #2"),
     ("checkpoint.path=[unclosed", "checkpoint.path", "[unclosed"),
+    ("checkpointer.checkpoint_files.max_filename=00004", "checkpointer.checkpoint_files.max_filename", "00004"),
     # torchtune's shorthand for a _component_ block
     ("model=torchtune.models.llama2.llama2_7b", "model._component_", "torchtune.models.llama2.llama2_7b"),
     ("tokenizer=auto", "tokenizer", "auto"),

@@ -12,8 +12,8 @@ torchtune hands every value to YAML, so ``prompt.user="yes"`` became ``True`` an
 - a key inside a free-form block (``model.*``, ``tokenizer.*``, ``checkpoint.*``, any
   ``_component_`` block's kwargs) is read as torchtune reads it, by YAML, so numbers,
   booleans and lists keep working; text that YAML would turn into a mapping (``a: b``),
-  cut at a ``#`` comment, or fail on, stays the verbatim text. Quote for the shell to make
-  YAML read a string: ``'model.name="3"'``.
+  cut at a ``#`` comment, strip of leading zeros (``00004``) or fail on, stays the verbatim
+  text. Quote for the shell to make YAML read a string: ``'model.name="3"'``.
 
 ``~key`` removals and the ``model=dotted.builder`` shorthand for ``model._component_``
 are torchtune's (its own helpers do them).
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from typing import Any, Union
 
@@ -33,11 +34,11 @@ from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode
 
 from leangen.errors import ConfigError
 
-# The scalar types a schema key can have: how to read one, and what to tell the user.
-SCALARS: dict[type, tuple[type, str, str]] = {
-    int: (IntegerNode, "an integer", "300"),
-    float: (FloatNode, "a number", "0.6"),
-    bool: (BooleanNode, "true or false", "true"),
+# The scalar types a schema key can have: OmegaConf's node that reads one, and an example.
+SCALARS: dict[type, tuple[type, str]] = {
+    int: (IntegerNode, "300"),
+    float: (FloatNode, "0.6"),
+    bool: (BooleanNode, "true"),
 }
 NULL = "null"
 
@@ -183,7 +184,7 @@ def _read(hint: Any, text: Any) -> Any:
             return [_read(typing.get_args(inner)[0], text)]  # one item: a list of one
         raise _Unreadable(_expected(hint))
     if inner in SCALARS and isinstance(text, str):
-        node, expected, example = SCALARS[inner]
+        node, example = SCALARS[inner]
         try:
             return node(value=text)._value()
         except ValidationError:
@@ -267,6 +268,8 @@ def free_form(text: str) -> Any:
         return text  # "Q: 2+2?" is a sentence, not a mapping
     if text.count("#") > str(value).count("#"):
         return text  # YAML dropped a "# comment"
+    if isinstance(value, int) and not isinstance(value, bool) and re.fullmatch(r"[+-]?0\d+", text.strip()):
+        return text  # leading zeros, e.g. torchtune's max_filename: "00004"
     if value is None and text.strip() not in ("", "null", "~", "Null", "NULL"):
         return text
     return value
