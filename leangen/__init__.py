@@ -8,12 +8,33 @@ import logging
 # kernels. Keep recipes' stderr for leangen's own summary.
 logging.getLogger("torchao").setLevel(logging.ERROR)
 
-from leangen.checkpoint.view import Checkpoint, load_tensors, open_checkpoint
-from leangen.decode.generation import Generated, generate_text
+import importlib
+
 from leangen.errors import CheckpointError, ConfigError, ConversionError, LeangenError
-from leangen.load.pipeline import load_model
+
+# The API, imported on first use: `import leangen` stays free of torch, so that the
+# recipes' entry points (leangen.recipe.console) are running before torch imports and
+# a Ctrl-C during those seconds is one line, not a traceback.
+_LAZY = {
+    "Checkpoint": "leangen.checkpoint.view", "load_tensors": "leangen.checkpoint.view",
+    "open_checkpoint": "leangen.checkpoint.view", "Generated": "leangen.decode.generation",
+    "generate_text": "leangen.decode.generation", "load_model": "leangen.load.pipeline",
+}
 
 __all__ = [
     "Checkpoint", "CheckpointError", "ConfigError", "ConversionError", "Generated", "LeangenError",
     "generate_text", "load_model", "load_tensors", "open_checkpoint",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    try:  # a subpackage, as `import leangen; leangen.load` found it when everything was imported
+        return importlib.import_module(f"leangen.{name}")
+    except ModuleNotFoundError:
+        raise AttributeError(f"module 'leangen' has no attribute {name!r}") from None
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

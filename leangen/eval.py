@@ -32,11 +32,17 @@ the ranks', and ``tokens_per_second`` is all ranks' tokens over the longest rank
 # No `from __future__ import annotations`: `tune run` executes this module as
 # __main__ while sys.modules["__main__"] stays tune's own script, so OmegaConf
 # would look the dataclasses' string annotations up in the wrong module.
-import json
 import sys
+
+if __name__ == "__main__":  # python -m / tune run: import and run this module through the entry
+    from leangen.recipe.console import launch  # point, so that Ctrl-C during its imports is one line
+
+    sys.exit(launch("leangen.eval"))
+
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, List, Optional
+from typing import Any, ClassVar, List, Optional, Union
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -62,7 +68,7 @@ from leangen.recipe.setup import Placement
 class PerplexityConfig:
     # Any, not List[str]: OmegaConf refuses `perplexity.files=/x.txt` for a list field,
     # and one path is a fine answer. _text_files turns it into a list of paths.
-    files: Any = config_key([], "text files (one path, or a list); not folders")
+    files: Any = config_key([], "text files (one path, or a list); not folders", cli_type=Union[str, List[str]])
     stride: Optional[int] = config_key(None, "tokens between windows (null: max_seq_len, disjoint)")
 
 
@@ -200,8 +206,9 @@ def _reject_bad_options(cfg: DictConfig, writes: bool = True) -> None:
         cfg.perplexity.files = _text_files(cfg.perplexity.files)
     if cfg.model is None or cfg.tokenizer is None:
         raise ConfigError("the config needs a 'model' and a 'tokenizer' block.")
-    if cfg.max_seq_len < 2 or cfg.batch_size < 1:
-        raise ConfigError("max_seq_len must be at least 2 and batch_size at least 1.")
+    for key, least in (("max_seq_len", 2), ("batch_size", 1)):
+        if cfg[key] < least:
+            raise ConfigError(f"{key}={cfg[key]}: give at least {least}.")
     if not (cfg.perplexity and cfg.perplexity.files) and not (cfg.lm_eval and cfg.lm_eval.tasks):
         raise ConfigError("nothing to evaluate: set perplexity.files and/or lm_eval.tasks.")
     stride = cfg.perplexity.stride if cfg.perplexity else None
@@ -274,6 +281,3 @@ def main(argv: list[str]) -> None:
     recipe.setup(cfg)
     recipe.evaluate(cfg)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

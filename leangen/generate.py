@@ -10,14 +10,20 @@ tokens, and only rank 0 prints and writes files.
 """
 
 
+import sys
+
+if __name__ == "__main__":  # python -m / tune run: import and run this module through the entry
+    from leangen.recipe.console import launch  # point, so that Ctrl-C during its imports is one line
+
+    sys.exit(launch("leangen.generate"))
+
 import functools
 import json
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Dict, Optional, Union
 
 import torch
 from omegaconf import DictConfig
@@ -54,7 +60,8 @@ class GenerateConfig(ModelKeys):
     RECIPE: ClassVar[str] = "generate"
 
     seed: Optional[int] = config_key(1234, "random seed for sampling (null: not seeded)")
-    prompt: Optional[Any] = config_key(None, "a string (raw completion after BOS) or {system, user} (chat)")
+    prompt: Optional[Any] = config_key(None, "a string (raw completion after BOS) or {system, user} (chat)",
+                                       cli_type=Optional[Union[str, Dict[str, Optional[str]]]])
     add_bos: str = config_key("auto", "BOS before a raw prompt: auto (as transformers' "
                                       "tokenizer(text) for the folder) | true | false")
     prompts_file: Optional[str] = config_key(None, ".txt (a prompt a line) or .jsonl ({prompt} or "
@@ -208,8 +215,9 @@ def _reject_bad_options(cfg: DictConfig, ranks: Ranks = Ranks()
         check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    if cfg.max_new_tokens < 1 or cfg.batch_size < 1:
-        raise ConfigError("max_new_tokens and batch_size must be at least 1.")
+    for key in ("max_new_tokens", "batch_size"):
+        if cfg[key] < 1:
+            raise ConfigError(f"{key}={cfg[key]}: give at least 1.")
     quant_spec(cfg)  # a bad quantize/quantizer value fails before the load
     if ranks.distributed:
         unsupported = [k for k in ("prepack", "compile") if cfg.get(k)]  # quantize: per rank
@@ -238,6 +246,3 @@ def main(argv: list[str]) -> None:
     recipe.setup(cfg)
     recipe.generate(cfg)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

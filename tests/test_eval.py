@@ -12,7 +12,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
-from torchtune import config as tt_config
 
 from leangen.demo import demo_dir
 from leangen.eval import EvalConfig, main
@@ -239,10 +238,10 @@ def test_one_text_file_without_brackets_is_a_list_of_one(tmp_path, capsys):
     assert set(json.loads(out.read_text())["perplexity"]) == {str(COUNTING), "all"}
 
 
-@pytest.mark.parametrize("value, fragment", [
-    ("[1]", "1 is not a file path"),
-    (f"[{COUNTING},[a]]", "is not a file path"),
-    ("3", "give a text file or a list of them, not 3"),
+@pytest.mark.parametrize("value, fragment", [  # a command-line value is a path as typed
+    ("[1]", "'1' does not exist"),
+    (f"[{COUNTING},[a]]", f"'[{COUNTING},[a]]' does not exist"),
+    ("3", "'3' does not exist"),
 ])
 def test_text_files_that_are_not_paths_give_one_line_errors(tmp_path, capsys, value, fragment):
     code, _, err = run(capsys, f"perplexity.files={value}", "~lm_eval", f"output_file={tmp_path}/r.json")

@@ -148,7 +148,7 @@ def test_checkpointer_with_filename_format(capsys, tmp_path):
     (["tokenizer.path=/no/such/tokenizer.model"], "/no/such/tokenizer.model"),
     (["checkpoint.path=/no/such/dir"], "/no/such/dir"),
     (["device=cuda"], "sees no CUDA"),
-    (["max_new_tokens=many"], "'max_new_tokens'"),
+    (["max_new_tokens=many"], "max_new_tokens=many: max_new_tokens takes an integer"),
     (["not_a_key=1"], "'not_a_key'"),
     (["top_p=2"], "top_p"),
 ])
@@ -257,7 +257,7 @@ def test_peak_rss_is_this_process_own_not_its_parents(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["output_file=/no/such/folder/out.jsonl"], "output_file: the folder of"),
     (["metrics_file=/tmp"], "metrics_file: '/tmp' is a folder"),
-    (["prompt=[1,2]"], "prompts_file"),
+    (["prompt={system: be brief}"], "prompt.user is empty"),  # ([1,2] is a raw prompt, as typed)
     (["checkpoint=null", "checkpointer={_component_: torchtune.training.FullModelHFCheckpointer}"],
      "checkpointer.checkpoint_dir is not set"),
 ])

@@ -42,7 +42,7 @@ RUNS = {
     "mistral-plan": ("mistral", ["tensor_parallel_plan=torchtune.models.llama3.base_llama_tp_plan"]),
     # int4 on "wide", whose row-wise shards are whole int4 groups: the same math as one
     # process (this prompt: "one two three" alone ends at once on the stop token)
-    "wide-int4": ("wide", ["quantize=int4", "quantize_cache=null", "prompt='one two three four'"]),
+    "wide-int4": ("wide", ["quantize=int4", "quantize_cache=null", "prompt=one two three four"]),
     # int8: each rank's row-wise shards have their own per-row scales, so not one
     # process's model (see test_each_rank_quantizes_exactly_its_own_shard); the cache is asked for
     "llama3-int8": ("llama3", ["quantize=int8", "quantize_cache={root}/cache",

@@ -34,7 +34,7 @@ def _quiet_env(**extra):
 # -- help and discovery -----------------------------------------------------------
 
 @pytest.mark.parametrize("recipe, schema", [(main, GenerateConfig), (eval_main, EvalConfig)])
-def test_help_lists_every_key_with_its_default_and_the_packaged_configs(capsys, recipe, schema):
+def test_help_lists_every_key_with_its_type_default_and_the_packaged_configs(capsys, recipe, schema):
     import dataclasses
 
     with pytest.raises(SystemExit) as exit_:
@@ -43,11 +43,16 @@ def test_help_lists_every_key_with_its_default_and_the_packaged_configs(capsys, 
     assert exit_.value.code == 0
     keys = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and line.split()]
     assert {f.name for f in dataclasses.fields(schema)} <= set(keys)
-    defaults = {line.split()[0]: line.split()[1] for line in out.splitlines()
-                if line.startswith("  ") and len(line.split()) > 1}
-    assert defaults["dtype"] == '"auto"' and defaults["threads"] == "null"
-    own = {GenerateConfig: ("max_new_tokens", "300"), EvalConfig: ("max_seq_len", "2048")}[schema]
-    assert defaults[own[0]] == own[1]
+    rows = {line.split()[0]: line.split()[1:3] for line in out.splitlines()
+            if line.startswith("  ") and len(line.split()) > 2}
+    assert rows["dtype"] == ["str", '"auto"'] and rows["threads"] == ["int|null", "null"]
+    assert rows["enable_kv_cache" if schema is GenerateConfig else "lm_eval.apply_chat_template"][0] == "bool"
+    own = {GenerateConfig: ("max_new_tokens", ["int", "300"]), EvalConfig: ("max_seq_len", ["int", "2048"])}[schema]
+    assert rows[own[0]] == own[1]
+    if schema is GenerateConfig:
+        assert rows["prompt"] == ["str|mapping|null", "null"] and rows["temperature"][0] == "float"
+    else:
+        assert rows["lm_eval.tasks"] == ["list[str]", "[]"]
     assert ("demo" if schema is GenerateConfig else "eval_demo") in keys
 
 
@@ -88,8 +93,8 @@ def test_tune_run_passes_help_through(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["max_new_token=3"], "unknown key 'max_new_token'. Did you mean 'max_new_tokens'? "
                           "(--help lists every key.)"),
-    (["max_new_tokens=abc"], "'max_new_tokens' has a value of the wrong type: Value 'abc' of type "
-                             "'str' could not be converted to Integer."),
+    (["max_new_tokens=abc"], "error: max_new_tokens=abc: max_new_tokens takes an integer, "
+                             "e.g. max_new_tokens=300."),
     (["device=mps"], "device 'mps' was asked for, but this torch"),
     (["device=xla"], "leangen runs on cpu, cuda, mps"),
     (["threads=0"], "threads=0: give at least 1"),
@@ -107,10 +112,11 @@ def test_one_value_for_a_list_key_is_a_list_of_one(capsys, tmp_path):
     assert code == 0 and "counting_mc" in out
 
 
-def test_a_mapping_over_a_list_is_one_line(capsys):
-    code, _, err = run(capsys, "--config", "eval_demo", "perplexity.files={a: b}", recipe=eval_main)
-    assert code == 1 and "an override gives a mapping where the config has a list" in err
-    assert err.count("\n") == 1
+def test_a_mapping_over_a_list_is_one_line_naming_the_override(capsys):
+    code, _, err = run(capsys, "--config", "eval_demo", "checkpoint.path=[a, b]", "checkpoint.path={x: y}",
+                       recipe=eval_main)
+    assert code == 1
+    assert err == "error: checkpoint.path={x: y}: gives a mapping where the config has a list.\n"
 
 
 @pytest.mark.slow
@@ -175,6 +181,46 @@ def test_ctrl_c_or_kill_exits_with_one_line_and_keeps_the_finished_completions(t
     assert 3 <= len(saved) < len(prompts)
     assert [r["prompt"] for r in saved] == prompts[:len(saved)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "prompts.txt"]  # no .part left
+
+
+ENTRY_POINTS = {
+    "python -m leangen.generate": [*GENERATE, "--config", "demo", "prompts_file=prompts.txt", "batch_size=1"],
+    "leangen-generate": [sys.executable, "-c", "import sys; from leangen.recipe.console import generate; "
+                         "sys.exit(generate())", "--config", "demo", "prompts_file=prompts.txt", "batch_size=1"],
+    "python -m leangen.eval": [sys.executable, "-m", "leangen.eval", "--config", "eval_demo",
+                               "perplexity.files=text.txt", "batch_size=1", "output_file=null"],
+}
+
+
+def _loaded(pid: int, library: str) -> bool:
+    """Whether the process has ``library`` mapped (or has ended)."""
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            return library in maps.read()
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc to see torch being imported")
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_ctrl_c_while_torch_imports_is_one_line(tmp_path, entry):
+    """The signal goes once torch's library is mapped: Python's handler is in place and the
+    imports are under way. Whatever moment it lands from then on (imports, load, decode),
+    the answer is one 'interrupted' line and exit 130."""
+    (tmp_path / "prompts.txt").write_text("one two three\n" * 400)  # long enough to be running
+    (tmp_path / "text.txt").write_text("one two three four five six seven eight nine ten\n" * 4000)
+    proc = subprocess.Popen(ENTRY_POINTS[entry], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=_quiet_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        while not _loaded(proc.pid, "libtorch_cpu"):
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err.count("\n") == 1 and err.startswith("interrupted") and "Traceback" not in err
 
 
 # -- threads and stderr -----------------------------------------------------------
@@ -279,3 +325,117 @@ def test_a_torchtune_quantizer_block_runs_as_int4(capsys, tmp_path):
 def test_bad_quantize_settings_fail_before_the_load(capsys, argv, message):
     code, _, err = run(capsys, "--config", "demo", "checkpoint.path=/no/such/dir", *argv)
     assert code == 1 and message in err and err.count("\n") == 1
+
+
+# -- tokenizer.path with tokenizer: auto --------------------------------------------
+
+@pytest.fixture(scope="module")
+def folder_without_tokenizer(tmp_path_factory):
+    """``folder_without_tokenizer(vocab)``: a tiny llama folder as the Hub has it, minus
+    its tokenizer files, with the vocabulary of the tokenizer it will be given."""
+    from tiny_models import make_hf_model
+
+    cache = {}
+
+    def get(vocab: int = 512):  # 512: room for the BPE of make_llama_folder; the demo's has 96
+        if vocab not in cache:
+            cache[vocab] = tmp_path_factory.mktemp(f"no-tokenizer-{vocab}")
+            make_hf_model("llama", vocab_size=vocab).save_pretrained(cache[vocab])
+        return cache[vocab]
+
+    return get
+
+
+def _bpe_folder(root):
+    from test_hf_tokenizer import make_llama_folder
+
+    return make_llama_folder(root)
+
+
+def _spm_folder(root):
+    from leangen.demo import demo_dir
+
+    root.mkdir()
+    (root / "tokenizer.model").write_bytes((demo_dir() / "tokenizer.model").read_bytes())
+    return root
+
+
+@pytest.mark.parametrize("make, pick, vocab", [
+    (_bpe_folder, lambda folder: folder / "tokenizer.json", 512),
+    (_bpe_folder, lambda folder: folder, 512),
+    (_spm_folder, lambda folder: folder / "tokenizer.model", 96),
+])
+def test_tokenizer_path_with_tokenizer_auto_reads_that_file_or_folder(capsys, tmp_path, folder_without_tokenizer,
+                                                                       make, pick, vocab):
+    from leangen.decode.text import tokenize
+    from leangen.hf.tokenizer import tokenizer_from_folder
+
+    folder = make(tmp_path / "tok")
+    out = tmp_path / "out.jsonl"
+    code, _, err = run(capsys, "--config", "auto", f"checkpoint.path={folder_without_tokenizer(vocab)}",
+                       f"tokenizer.path={pick(folder)}", "prompt=ruti sa vo", "max_new_tokens=2",
+                       f"output_file={out}")
+    assert code == 0, err
+    [record] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["prompt_tokens"] == tokenize("ruti sa vo", tokenizer_from_folder(folder), add_bos="auto").tokens
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["tokenizer.path=/no/such/tokenizer.json"], "error: tokenizer.path: '/no/such/tokenizer.json' does not exist."),
+    (["tokenizer.path=CONFIG"], "is not a file tokenizer: auto reads"),
+    (["tokenizer.max_len=3"], "error: tokenizer.max_len: without a _component_, the tokenizer block takes path"),
+])
+def test_tokenizer_path_mistakes_are_one_line(capsys, folder_without_tokenizer, argv, message):
+    folder = folder_without_tokenizer()
+    argv = [a.replace("CONFIG", str(folder / "config.json")) for a in argv]
+    code, _, err = run(capsys, "--config", "auto", f"checkpoint.path={folder}", *argv)
+    assert code == 1 and message in err and err.count("\n") == 1
+
+
+# -- the other recipe's config --------------------------------------------------------
+
+@pytest.mark.parametrize("recipe, name, other", [(main, "eval_auto", "eval"), (eval_main, "demo", "generate"),
+                                                 (main, "eval_demo", "eval")])
+def test_the_other_recipes_packaged_config_says_which_recipe_runs_it(capsys, recipe, name, other):
+    code, _, err = run(capsys, "--config", name, recipe=recipe)
+    assert code == 1
+    assert err == (f"error: {name} is a config for leangen/{other}: run `tune run leangen/{other} "
+                   f"--config {name}` (or leangen-{other}).\n")
+
+
+def test_a_user_config_whose_keys_fit_the_other_recipe_says_so(capsys, tmp_path):
+    mine = tmp_path / "mine.yaml"  # no header comment: the keys tell
+    lines = resolve_config_path("eval_demo").read_text().splitlines()
+    mine.write_text("".join(line + "\n" for line in lines if not line.startswith("#")))
+    code, _, err = run(capsys, "--config", str(mine))
+    assert code == 1 and err.startswith(f"error: {mine} is a config for leangen/eval: run `tune run leangen/eval")
+
+
+def test_a_user_config_with_a_stray_key_is_still_this_recipes(capsys, tmp_path):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(resolve_config_path("demo").read_text() + "max_seq_len: 64\n")
+    code, _, err = run(capsys, "--config", str(mine))
+    assert code == 1 and err.startswith(f"error: {mine}: unknown key 'max_seq_len'. Did you mean 'max_new_tokens'?")
+
+
+@pytest.mark.parametrize("recipe, config, override", [
+    (main, "demo", "max_new_tokens=0"), (main, "demo", "batch_size=0"),
+    (eval_main, "eval_demo", "max_seq_len=1"), (eval_main, "eval_demo", "batch_size=0"),
+])
+def test_a_too_small_count_names_its_key(capsys, recipe, config, override):
+    code, _, err = run(capsys, "--config", config, override, recipe=recipe)
+    least = 2 if override.startswith("max_seq_len") else 1
+    assert code == 1 and err == f"error: {override}: give at least {least}.\n"
+
+
+def test_strict_config_false_is_one_warning_line_that_says_what_happened(capsys, tmp_path):
+    out = tmp_path / "out.jsonl"
+    code, _, err = run(capsys, "--config", "demo", "checkpoint.strict_config=false", "model.rope_base=500000",
+                       "max_new_tokens=2", f"output_file={out}")
+    assert code == 0 and out.is_file()
+    warning, summary = err.splitlines()
+    assert warning == ("warning: the model builder does not match the checkpoint's config.json (rope_theta: "
+                       "builder 500000, checkpoint 10000.0); loaded anyway because checkpoint.strict_config is "
+                       "false (strict_config=False): its outputs may be wrong. Use model: auto, or fix the "
+                       "builder's arguments.")
+    assert summary.startswith("load ")

@@ -28,7 +28,7 @@ def prompts_from_config(cfg: DictConfig, tokenizer) -> list[Prompt]:
         return [tokenize(item, tokenizer, add_bos=add_bos) for item in read_prompts_file(Path(cfg.prompts_file))]
     if cfg.get("prompt") is None:
         raise ConfigError("set 'prompt' (a string or {system, user}) or 'prompts_file'.")
-    prompt = OmegaConf.to_container(cfg.prompt) if OmegaConf.is_config(cfg.prompt) else cfg.prompt
+    prompt = OmegaConf.to_container(cfg.prompt, resolve=True) if OmegaConf.is_config(cfg.prompt) else cfg.prompt
     if isinstance(prompt, dict):
         unknown = sorted(set(prompt) - {"system", "user"})
         if unknown:

@@ -462,9 +462,9 @@ def check_model(model: nn.Module, config: ModelConfig, *, strict: bool = True) -
              for name, want in expected_fields(config).items() if not _same(built.get(name), want)]
     if not wrong:
         return
-    message = (f"the model builder does not match the checkpoint's config.json ({'; '.join(wrong)}). "
-               "Use model: auto, or fix the builder's arguments; checkpoint.strict_config: false "
-               "(strict_config=False) turns this into a warning.")
+    differs = f"the model builder does not match the checkpoint's config.json ({'; '.join(wrong)})"
     if strict:
-        raise ConversionError(message)
-    warnings.warn(message, stacklevel=3)
+        raise ConversionError(f"{differs}. Use model: auto, or fix the builder's arguments; to load it "
+                              "anyway, set checkpoint.strict_config: false (strict_config=False).")
+    warnings.warn(f"{differs}; loaded anyway because checkpoint.strict_config is false (strict_config=False): "
+                  "its outputs may be wrong. Use model: auto, or fix the builder's arguments.", stacklevel=3)

@@ -256,12 +256,11 @@ def _check_keys(expected: dict, names: list[str], view: Checkpoint) -> None:
             "tie_word_embeddings: false), but the builder ties output.weight to the embedding "
             "and would drop it. Use an untied builder (e.g. tie_word_embeddings=False)."
         )
-    if missing or unexpected:
-        raise ConversionError(
-            f"{files}: the checkpoint does not fit the builder: {len(missing)} missing "
-            f"(first: {', '.join(missing[:3]) or '-'}), {len(unexpected)} unexpected "
-            f"(first: {', '.join(unexpected[:3]) or '-'}). Check the builder and model_type."
-        )
+    counts = [f"{len(names)} {kind} (first: {', '.join(names[:3])})"
+              for kind, names in (("missing", missing), ("unexpected", unexpected)) if names]
+    if counts:
+        raise ConversionError(f"{files}: the checkpoint does not fit the builder: {', '.join(counts)}. "
+                              "Check the builder and model_type.")
 
 
 def _check_shapes(expected: dict, view: Checkpoint) -> None:

@@ -1,9 +1,10 @@
 """Recipe configs: find the YAML, apply overrides, validate keys and types.
 
 ``--config X`` is a path or the name of a packaged config (``recipes/configs/`` in
-the repo, ``leangen._configs`` in the wheel). ``key=value`` and ``~key`` overrides go
-through torchtune's own merge, so they behave exactly as with ``tune run``. Keys and
-types are then checked against the recipe's dataclass schema with OmegaConf.
+the repo, ``leangen._configs`` in the wheel). ``key=value`` and ``~key`` overrides are
+read by the type the schema gives each key (leangen.recipe.overrides: text stays text),
+with torchtune's removals and ``_component_`` shorthand. Keys and types are then checked
+against the recipe's dataclass schema with OmegaConf.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import argparse
 import dataclasses
 import difflib
 import functools
+import importlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -30,10 +33,9 @@ from yaml import YAMLError
 
 from leangen.demo import demo_dir
 from leangen.errors import ConfigError, Interrupted, LeangenError
-from leangen.parallel.ranks import error_prefix, peer_failure, stop
-
-DEBUG_ENV = "LEANGEN_DEBUG"
-
+from leangen.parallel.ranks import peer_failure, stop
+from leangen.recipe.console import DEBUG_ENV, INTERRUPTED, print_line, show_warning
+from leangen.recipe.overrides import apply_overrides, type_name
 
 def _demo_file(name: str = "") -> str:
     return str(demo_dir() / name)
@@ -72,10 +74,9 @@ def parse_args(argv: Sequence[str], schema: type) -> DictConfig:
     """``--config X [key=value | ~key ...]`` to a validated config for ``schema``.
 
     ``--help``, ``--list-configs`` and ``--copy-config NAME DEST`` answer and exit
-    (SystemExit 0), in the spirit of ``tune ls`` and ``tune cp``.
+    (SystemExit 0), in the spirit of ``tune ls`` and ``tune cp``. Overrides are read by
+    the type the schema gives their key (leangen.recipe.overrides).
     """
-    from torchtune.config._utils import _merge_yaml_and_cli_args
-
     args, overrides = _cli_parser(schema).parse_known_args(argv)
     if args.help or args.list_configs or args.copy_config:
         _answer_and_exit(args, schema)
@@ -83,25 +84,65 @@ def parse_args(argv: Sequence[str], schema: type) -> DictConfig:
         raise ConfigError("--config is required: a YAML path or a packaged config name "
                           "(--list-configs shows them; --help shows the keys).")
     path = resolve_config_path(args.config)
+    config = _load_yaml(path)
+    check_recipe(args.config, path, config, schema)
+    return validate(apply_overrides(config, overrides, schema), schema, source=str(path))
+
+
+def _load_yaml(path: Path) -> DictConfig:
     try:
-        yaml = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-        if not isinstance(yaml, dict):
-            raise ValueError("the top level must be a mapping of keys to values")
-        merged = _merge_yaml_and_cli_args(argparse.Namespace(**yaml), overrides)
-    # TypeError is OmegaConf's "Cannot merge incompatible container types" (a dict over a list)
-    except TypeError as e:
-        raise ConfigError(f"{path}: {_one_line(e)}: an override gives a mapping where the config "
-                          "has a list, or the reverse. Check the key=value overrides.") from e
-    except (ValueError, OmegaConfBaseException, YAMLError) as e:
+        config = OmegaConf.load(path)
+    except (OmegaConfBaseException, YAMLError) as e:
         raise ConfigError(f"{path}: {_one_line(e)}") from e
-    return validate(merged, schema, source=str(path))
+    if not isinstance(config, DictConfig):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values.")
+    return config
 
 
-def config_key(default: Any, help: str) -> Any:
-    """A recipe config key with the meaning ``--help`` shows."""
+# Where each recipe's schema is, to tell a user who ran one recipe with the other's config.
+RECIPE_SCHEMAS = {"generate": ("leangen.generate", "GenerateConfig"), "eval": ("leangen.eval", "EvalConfig")}
+
+
+def check_recipe(name: str, path: Path, config: DictConfig, schema: type) -> None:
+    """A config written for the other recipe (its header says so, or its keys fit only
+    that recipe's schema) fails with the command that runs it."""
+    mine = recipe_name(schema)
+    if set(config) <= _top_level_keys(schema):
+        return
+    for other in RECIPE_SCHEMAS:
+        if other != mine and (_header_recipe(path) == other or set(config) <= _top_level_keys(_schema(other))):
+            raise ConfigError(f"{name} is a config for leangen/{other}: run "
+                              f"`tune run leangen/{other} --config {name}` (or leangen-{other}).")
+
+
+def _header_recipe(path: Path) -> str | None:
+    """The one recipe the config's leading comments name (``tune run leangen/eval ...``)."""
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    named = set(re.findall(r"leangen/(\w+)", "\n".join(header))) & set(RECIPE_SCHEMAS)
+    return named.pop() if len(named) == 1 else None
+
+
+def _top_level_keys(schema: type) -> set[str]:
+    return {f.name for f in fields(schema)}
+
+
+def _schema(recipe: str) -> type:
+    module, name = RECIPE_SCHEMAS[recipe]
+    return getattr(importlib.import_module(module), name)
+
+
+def config_key(default: Any, help: str, cli_type: Any = None) -> Any:
+    """A recipe config key with the meaning ``--help`` shows. ``cli_type``: the type a
+    command-line value is read as, where the field is ``Any`` for OmegaConf's sake (a
+    string or a block: OmegaConf has no such Union)."""
+    metadata = {"help": help, **({"cli_type": cli_type} if cli_type is not None else {})}
     if isinstance(default, (list, dict)):  # a mutable default needs a fresh copy per config
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def _cli_parser(schema: type) -> argparse.ArgumentParser:
@@ -172,8 +213,13 @@ def help_text(schema: type) -> str:
         f"       (also: tune run leangen/{recipe} --config CONFIG ..., python -m leangen.{recipe} ...)",
         f"       leangen-{recipe} --list-configs | --copy-config NAME DEST | --help",
         "",
-        "CONFIG is a YAML path or a packaged config name. Keys (default, meaning):",
+        "CONFIG is a YAML path or a packaged config name. Keys (type, default, meaning):",
         *_key_lines(schema),
+        "",
+        "key=value: a str key takes the text after the first '=' as typed; int, float and bool keys",
+        "are read as in YAML, list keys as [a, b] or one item, key=null unsets a key that allows null.",
+        "Keys of a free block (type any: model.*, tokenizer.*, checkpoint.*) are read as YAML, but",
+        "text YAML cannot read back as typed stays text; 'key=\"3\"' (shell-quoted) is the string 3.",
         "",
         f"Packaged configs for leangen/{recipe}:",
         *("  " + line for line in list_configs(recipe).splitlines()),
@@ -189,7 +235,8 @@ def _key_lines(schema: type, prefix: str = "") -> list[str]:
         nested = _dataclass_of(hints[f.name])
         default = f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
         shown = "???" if default is MISSING else json.dumps(default, default=str)
-        lines.append(f"  {prefix + f.name:<28} {shown:<14} {f.metadata.get('help', '')}".rstrip())
+        kind = type_name(f.metadata.get("cli_type") or hints[f.name])
+        lines.append(f"  {prefix + f.name:<28} {kind:<16} {shown:<14} {f.metadata.get('help', '')}".rstrip())
         if nested:
             lines += _key_lines(nested, prefix + f.name + ".")
     return lines
@@ -271,28 +318,29 @@ def _one_line(e: Exception) -> str:
 def run_recipe(main: Callable[[list[str]], Any]) -> Callable[[list[str] | None], int]:
     """Wrap a recipe's main: user errors print one line and exit 1; Ctrl-C (SIGINT) and
     `kill` (SIGTERM) print one line, keep what was finished, and exit 128 + the signal;
-    no traceback unless LEANGEN_DEBUG=1. Known third-party noise is silenced so that
-    stderr holds only leangen's summary."""
+    warnings print as one ``warning:`` line; no traceback unless LEANGEN_DEBUG=1. Known
+    third-party noise is silenced so that stderr holds only leangen's summary."""
 
     @functools.wraps(main)
     def wrapper(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:] if argv is None else argv
-        quiet_known_warnings()
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
-        try:
+        with warnings.catch_warnings():  # restores the caller's filters and showwarning
+            quiet_known_warnings()
+            warnings.showwarning = show_warning
             try:
-                main(argv)
-            except Exception as e:  # a torchrun peer that died: one line, not a collective's traceback
-                raise peer_failure(e) or e
-        except (LeangenError, FileNotFoundError, KeyboardInterrupt) as e:
-            if os.environ.get(DEBUG_ENV):
-                raise
-            # one line whatever the message holds (torchtune's errors span several)
-            print(error_prefix() + _error_line(e), file=sys.stderr, flush=True)
-            return _exit_code(e)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-            stop()  # leave a torchrun process group, if the recipe joined one
+                try:
+                    main(argv)
+                except Exception as e:  # a torchrun peer that died: one line, not a collective's traceback
+                    raise peer_failure(e) or e
+            except (LeangenError, FileNotFoundError, KeyboardInterrupt) as e:
+                if os.environ.get(DEBUG_ENV):
+                    raise
+                print_line(_error_line(e))  # torchtune's errors span several lines
+                return _exit_code(e)
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+                stop()  # leave a torchrun process group, if the recipe joined one
         return 0
 
     return wrapper
@@ -319,9 +367,9 @@ def _exit_code(e: BaseException) -> int:
 
 def _error_line(e: BaseException) -> str:
     if isinstance(e, KeyboardInterrupt):
-        return "interrupted (SIGTERM)." if isinstance(e, Terminated) else "interrupted (Ctrl-C)."
+        return "interrupted (SIGTERM)." if isinstance(e, Terminated) else INTERRUPTED
     prefix = "interrupted" if isinstance(e, Interrupted) else "error"
-    return f"{prefix}: " + " ".join(str(e).split())
+    return f"{prefix}: {e}"
 
 
 def quiet_known_warnings() -> None:

@@ -61,6 +61,9 @@ def checkpoint_source(cfg: DictConfig) -> tuple[Any, str]:
         raise ConfigError("set either 'checkpoint' or 'checkpointer', not both.")
     if cfg.get("checkpoint") is not None:
         block = cfg.checkpoint
+        if not OmegaConf.is_dict(block):
+            raise ConfigError(f"checkpoint: '{block}' is not a block; set checkpoint.path=/path/to/model "
+                              "(a directory, a file or a list of files).")
         if block.get("path") is None:
             raise ConfigError("checkpoint.path is not set: give a directory, a file or a list of files.")
         path = OmegaConf.to_object(block.path) if OmegaConf.is_list(block.path) else block.path
@@ -145,15 +148,18 @@ def compile_decode(model: torch.nn.Module):
 
 def tokenizer_from_config(cfg: DictConfig):
     """``tokenizer: auto``: the checkpoint folder's own tokenizer (leangen.hf.tokenizer);
-    else a torchtune ``_component_`` block."""
+    ``tokenizer: auto`` with ``tokenizer.path=X`` on the command line (the override
+    torchtune's docs teach): the tokenizer in X; else a torchtune ``_component_`` block."""
     from torchtune import config as tt_config
 
-    if cfg.tokenizer == "auto":
-        from leangen.hf.tokenizer import tokenizer_from_folder
+    from leangen.hf.tokenizer import tokenizer_from_folder
 
+    if cfg.tokenizer == "auto":
         return tokenizer_from_folder(_checkpoint_folder(cfg))
     if not OmegaConf.is_dict(cfg.tokenizer):
         raise ConfigError(f"tokenizer: '{cfg.tokenizer}' is neither 'auto' nor a {{_component_: ...}} block.")
+    if cfg.tokenizer.get("_component_") is None:
+        return _auto_tokenizer_at(cfg.tokenizer)
     path = cfg.tokenizer.get("path")
     overrides = {}
     if path is not None:
@@ -165,6 +171,32 @@ def tokenizer_from_config(cfg: DictConfig):
         return tt_config.instantiate(cfg.tokenizer, **overrides)
     except Exception as e:  # torchtune wraps builder errors in its own InstantiationError
         raise ConfigError(f"tokenizer '{cfg.tokenizer.get('_component_')}' failed: {e}") from e
+
+
+def _auto_tokenizer_at(block: DictConfig):
+    """``tokenizer: auto`` read from ``tokenizer.path``: a model folder, or one of the
+    tokenizer files ``tokenizer: auto`` reads (its folder gives the chat template and
+    stop tokens, as for the checkpoint's own folder)."""
+    from leangen.hf.tokenizer import TOKENIZER_FILES, tokenizer_from_folder
+
+    names = sorted({name for files in TOKENIZER_FILES for name in files})
+    other = sorted(set(block) - {"path", "max_seq_len"})
+    if other or block.get("path") is None:
+        raise ConfigError(
+            f"tokenizer.{other[0] if other else 'path'}: without a _component_, the tokenizer block takes "
+            f"path (a model folder or {', '.join(names)}) and max_seq_len; for a torchtune "
+            "tokenizer set tokenizer._component_ too.")
+    path, max_seq_len = Path(block.path).expanduser(), block.get("max_seq_len")
+    if path.is_dir():
+        return tokenizer_from_folder(path, max_seq_len=max_seq_len)
+    if not path.is_file():
+        raise ConfigError(f"tokenizer.path: '{block.path}' does not exist. Give the model's folder or its "
+                          f"{' / '.join(names)}.")
+    build = next((build for files, build in TOKENIZER_FILES.items() if path.name in files), None)
+    if build is None:
+        raise ConfigError(f"tokenizer.path: '{block.path}' is not a file tokenizer: auto reads "
+                          f"({', '.join(names)}); give one of those or the folder holding it.")
+    return build(path.parent, max_seq_len)
 
 
 def _checkpoint_folder(cfg: DictConfig) -> Path:
