@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_load import _mapped_file
+from tiny_models import mapped_file as _mapped_file
 
 import leangen
 from leangen.load.prepack import PrepackedLinear

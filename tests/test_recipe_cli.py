@@ -337,7 +337,7 @@ def folder_without_tokenizer(tmp_path_factory):
 
     cache = {}
 
-    def get(vocab: int = 512):  # 512: room for the BPE of make_llama_folder; the demo's has 96
+    def get(vocab: int = 512):  # 512: room for the BPE of make_llama_tokenizer_folder; the demo's has 96
         if vocab not in cache:
             cache[vocab] = tmp_path_factory.mktemp(f"no-tokenizer-{vocab}")
             make_hf_model("llama", vocab_size=vocab).save_pretrained(cache[vocab])
@@ -347,9 +347,9 @@ def folder_without_tokenizer(tmp_path_factory):
 
 
 def _bpe_folder(root):
-    from test_hf_tokenizer import make_llama_folder
+    from tiny_models import make_llama_tokenizer_folder
 
-    return make_llama_folder(root)
+    return make_llama_tokenizer_folder(root)
 
 
 def _spm_folder(root):
