@@ -20,6 +20,7 @@ Results go to stdout and to ``output_file`` as JSON::
     {"perplexity": {"<file>": {"ppl", "nll", "tokens"}, ..., "all": {...}} | null,
      "lm_eval": {"results": {...}, "versions": ..., "n-shot": ..., ...} | null,
      "metrics": {"threads", "load_seconds", "tokens_per_second", "peak_host_rss_bytes",
+                 "quantization": {"kind", "group_size", "groups", "description", ...} | null,
                  "quantize_cache": "hit" | "written" | "off", "quantize_cache_file"}}
 
 With several ranks, ``metrics`` also holds ``world_size`` and ``per_rank`` (each rank's
@@ -54,7 +55,7 @@ from leangen.recipe.components import (
     set_threads,
     tokenizer_from_config,
 )
-from leangen.recipe.metrics import peak_host_rss_bytes, quant_cache_metrics, summary
+from leangen.recipe.metrics import peak_host_rss_bytes, quant_metrics, summary
 
 
 @dataclass
@@ -113,7 +114,7 @@ class EvalRecipe:
         start = time.perf_counter()
         self.model = model_from_config(cfg, self.device, positions=cfg.max_seq_len)  # windows, requests
         self.metrics["load_seconds"] = time.perf_counter() - start
-        self.metrics.update(quant_cache_metrics(self.model))
+        self.metrics.update(quant_metrics(self.model))
         limit, why = context_limit(self.model)
         if cfg.max_seq_len > limit:
             raise ConfigError(f"max_seq_len={cfg.max_seq_len} is more than {why}; set "

@@ -42,7 +42,7 @@ from leangen.recipe.metrics import (
     model_bytes,
     peak_device_bytes,
     peak_host_rss_bytes,
-    quant_cache_metrics,
+    quant_metrics,
     summary,
 )
 from leangen.recipe.outputs import ResultFile, write_result
@@ -185,7 +185,7 @@ class GenerateRecipe:
             peak_device_bytes=peak_device_bytes(self.device),
             quantized=self.model.leangen_quantized,  # {quantized, skipped} Linear counts, or None
             prepacked=self.model.leangen_prepacked,  # Linears in oneDNN's layout, or None
-            **quant_cache_metrics(self.model),
+            **quant_metrics(self.model),
         )
 
 

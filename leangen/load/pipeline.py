@@ -74,7 +74,9 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
       torchao quantization of every Linear, the output included (a tied one gets its own
       quantized copy), layer by layer as tensors are moved, so the full-precision model is
       never resident. ``model.leangen_quantized`` is then ``{"quantized": n, "skipped": m}``
-      (skipped layers stay in full precision), else None.
+      (skipped layers stay in full precision), else None; ``model.leangen_quantization``
+      is ``Quantizer.report()``: the kind, the int4 groups used (a group that does not
+      divide a layer's inputs falls back to one that does) and a one-phrase description.
     - ``prepack=True`` (CPU, bf16/fp32): the Linears that stay in full precision are copied
       into oneDNN's blocked layout (``leangen.load.prepack``): decode is faster, but those
       weights then take anonymous memory instead of being the file's mmap.
@@ -121,7 +123,7 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
     if parallel is not None and prepacker is not None:  # the recipe refuses it too
         raise ConfigError("prepack with tensor parallelism is not supported: oneDNN's packed "
                           "Linear takes no DTensor shards. Drop prepack, or run one process.")
-    cache = open_cache(quantize_cache, raw.files, raw.config, quantizer, dtype, builder=builder,
+    cache = open_cache(quantize_cache, raw.files, raw.config, quantizer, dtype, model, builder=builder,
                        builder_kwargs=builder_kwargs, model_type=model_type,
                        family=view.family.name, qk_layout=qk_layout(model))
     mark("open checkpoint (headers, key plan, RoPE layout)")
@@ -133,7 +135,7 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
     pending = assign(model, view, take=take)
     mark("assign mmap views")
     # the quantizer's (or the cache's) and the prepacker's counts replace them
-    model.leangen_quantized = model.leangen_prepacked = None
+    model.leangen_quantized = model.leangen_quantization = model.leangen_prepacked = None
     # A hit: the quantized Linears are the cache file's mmap, final; nothing left to quantize.
     cached = cache.install(model, quantizer) if cache else set()
     if cached:

@@ -19,10 +19,13 @@ def model_bytes(model: torch.nn.Module) -> int:
     return sum(tensor_bytes(p.to_local() if isinstance(p, DTensor) else p) for p in model.parameters())
 
 
-def quant_cache_metrics(model: torch.nn.Module) -> dict[str, Any]:
-    """``quantize_cache``: hit | written | off, and the entry's file when one was used."""
+def quant_metrics(model: torch.nn.Module) -> dict[str, Any]:
+    """``quantization``: what the load quantized (``Quantizer.report()``: kind, int4 groups
+    used, counts, description), None at full precision; ``quantize_cache``: hit | written |
+    off, and the entry's file when one was used."""
     cache = model.leangen_quant_cache
-    return {"quantize_cache": cache["status"], "quantize_cache_file": cache["file"]}
+    return {"quantization": model.leangen_quantization,
+            "quantize_cache": cache["status"], "quantize_cache_file": cache["file"]}
 
 
 def peak_host_rss_bytes() -> int:
@@ -50,6 +53,7 @@ def summary(metrics: dict[str, Any]) -> str:
     device = metrics.get("peak_device_bytes")
     parts = [
         f"load {metrics['load_seconds']:.2f} s" + _cache_note(metrics),
+        (metrics.get("quantization") or {}).get("description"),  # int4 g32, int8, ...
         f"first token {metrics['first_token_seconds']:.2f} s" if "first_token_seconds" in metrics else None,
         f"{metrics['tokens_per_second']:.1f} tok/s" if metrics.get("tokens_per_second") else None,
         f"{_figure(metrics['bandwidth_gb_per_s'])} GB/s" if metrics.get("bandwidth_gb_per_s") else None,
