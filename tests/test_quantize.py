@@ -93,8 +93,8 @@ def test_int4_group_falls_back_to_the_largest_divisor_else_skips_and_says_so(cap
         "quantized": 2, "skipped": 1,
         "description": "int4 g128 (g64 on 1 of 2 Linears: in_features 192), 1 of 3 Linears left unquantized"}
     out, err = capfd.readouterr()
-    assert out == "" and err == ("note: int4 group 128 does not divide every layer's inputs: 1 Linears "
-                                 "(in_features 192) use group 64. Set quantize_group_size: 64 for one "
+    assert out == "" and err == ("note: int4 group 128 does not divide every layer's inputs: group 64 on "
+                                 "1 of 2 Linears (in_features 192). Set quantize_group_size: 64 for one "
                                  "group throughout.\n")
 
 
@@ -119,7 +119,7 @@ def test_a_group_no_layer_takes_falls_back_everywhere_and_the_report_says_which_
     assert report["description"] == "int4 g128 (g64 on 15 of 15 Linears: in_features 64, 192)"
     err = capfd.readouterr().err
     assert err.count("\n") == 1 and err.startswith("note: int4 group 128 does not divide")
-    assert "15 Linears (in_features 64, 192) use group 64" in err
+    assert "group 64 on 15 of 15 Linears (in_features 64, 192)." in err
 
 
 def test_int8_reports_its_kind_and_no_group():

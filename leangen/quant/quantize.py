@@ -190,8 +190,8 @@ class Quantizer:
         fallbacks = self.fallbacks()
         if not fallbacks:
             return None
-        used = self.groups_used()
-        uses = "; ".join(f"{used[g]} Linears (in_features {_listed(ins)}) use group {g}"
+        used, total = self.groups_used(), self.counts["quantized"]
+        uses = "; ".join(f"group {g} on {used[g]} of {total} Linears (in_features {_listed(ins)})"
                          for g, ins in fallbacks.items())
         # the groups are powers of two: the smallest used divides every quantized layer
         return (f"note: int4 group {self.spec.group_size} does not divide every layer's inputs: "
