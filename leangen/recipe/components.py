@@ -47,13 +47,12 @@ class ModelKeys:
     threads: Optional[int] = config_key(None, "CPU threads (null: torch's choice, which follows OMP_NUM_THREADS)")
     quantize: Optional[str] = config_key(None, "null | int8 | int4: weight-only (torchao), "
                                                "quantized layer by layer while loading")
-    # 32 by default: llama.cpp's Q4_0 group; measured on SmolLM-135M, torchao's int4 cost 5%
-    # perplexity at 32, 53% at 64 (benchmarks/RESULTS_int4_groups.md: its speed and size)
+    # why 32: the measurements beside leangen.quant.quantize.DEFAULT_GROUP
     quantize_group_size: int = config_key(DEFAULT_GROUP, "int4: inputs sharing a scale and zero point "
-                                          "(32 | 64 | 128; 256 on CUDA only). 32 (default): 5 bits per "
-                                          "weight, and on a 135M model 5% more perplexity than bf16, where "
-                                          "64 cost 53%. A layer it does not divide falls back to 64, 32 "
-                                          "(said on stderr)")
+                                          "(32 | 64 | 128; 256 on CUDA only). 32 (default, as llama.cpp's "
+                                          "Q4_0): 5 bits per weight, CPU decode within ~1.1x of 128's, and "
+                                          "on a 135M model +5% perplexity where 64 cost +53%. A layer it "
+                                          "does not divide falls back to 64, 32 (a note on stderr says so)")
     prepack: bool = config_key(False, "CPU: copy full-precision Linear weights into oneDNN's layout: "
                                       "faster decode, but the weights then take RAM instead of the mmap")
     quantize_cache: Optional[str] = config_key("auto", "with quantize: auto ($XDG_CACHE_HOME/leangen, else "
