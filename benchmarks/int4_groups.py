@@ -126,7 +126,7 @@ def busy_processes() -> str:
     """What else was using the CPU when this ran (ps, top 6 by CPU)."""
     try:
         out = subprocess.run(["ps", "-eo", "pcpu,comm,args", "--sort=-pcpu"], capture_output=True,
-                             text=True, timeout=10).stdout.splitlines()
+                             check=False, text=True, timeout=10).stdout.splitlines()
     except (OSError, subprocess.SubprocessError):
         return "(ps unavailable)"
     return "\n".join(line[:140] for line in out[:7])
