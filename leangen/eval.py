@@ -22,6 +22,7 @@ so an interrupted run never leaves half a file; its absolute path is printed on 
     {"perplexity": {"<file>": {"ppl", "nll", "tokens"}, ..., "all": {...}} | null,
      "lm_eval": {"results": {...}, "versions": ..., "n-shot": ..., ...} | null,
      "metrics": {"threads", "load_seconds", "tokens_per_second", "peak_host_rss_bytes",
+                 "quantization": {"kind", "group_size", "groups", "description", ...} | null,
                  "quantize_cache": "hit" | "written" | "off", "quantize_cache_file"}}
 
 With several ranks, ``metrics`` also holds ``world_size`` and ``per_rank`` (each rank's

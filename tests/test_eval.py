@@ -60,7 +60,7 @@ def test_demo_results_have_the_promised_shape(demo_results):
     assert demo_results["perplexity"]["all"]["tokens"] == 171  # BOS + 171 tokens, first unscored
     assert 1 <= demo_results["perplexity"]["all"]["ppl"] < 1.5  # the model counts well
     assert set(demo_results["metrics"]) == {"threads", "load_seconds", "tokens_per_second", "peak_host_rss_bytes",
-                                            "quantize_cache", "quantize_cache_file"}
+                                            "quantization", "quantize_cache", "quantize_cache_file"}
     assert demo_results["metrics"]["tokens_per_second"] > 0
     assert demo_results["lm_eval"]["results"]["counting_mc"]["acc,none"] > 0.9
 

@@ -245,7 +245,7 @@ def test_each_rank_quantizes_exactly_its_own_shard(job, tp_run):
     """Every sharded Linear's local weight is the rank's slice quantized on its own
     (compared as the dense matrix each kernel multiplies by), and where the math allows,
     the same rows or columns as the one-process quantized layer."""
-    from leangen.quant.quantize import QuantSpec
+    from tp_worker import quant_spec
 
     out, _ = tp_run
     kind = QUANT[job][1]
@@ -267,7 +267,7 @@ def test_each_rank_quantizes_exactly_its_own_shard(job, tp_run):
         else:
             # int4 groups run along the inputs: exact when the rank's width takes the
             # whole layer's group size (then the group boundaries coincide)
-            spec = QuantSpec("int4")
+            spec = quant_spec("int4")
             aligned = spec.group_for(layer[0]["local_in_features"]) == spec.group_for(layer[0]["in_features"])
             assert all(shard["whole_equal"] == aligned for shard in layer), (name, layer)
             assert aligned == job.startswith("wide"), name  # both cases are covered

@@ -218,7 +218,7 @@ def test_a_changed_header_is_stale(own_checkpoint):
 def test_other_settings_are_other_entries(tiny_checkpoint, cache_home):
     ckpt = tiny_checkpoint("llama3_2")
     settings = [dict(quantize="int8"), dict(quantize="int4"),
-                dict(quantize=leangen.quant.quantize.QuantSpec("int4", group_size=32)),
+                dict(quantize=leangen.quant.quantize.QuantSpec("int4", group_size=64)),
                 dict(quantize="int8", dtype="bf16"), dict(quantize="int8", max_seq_len=256)]
     for setting in settings:
         model, warned = load_warned(ckpt, quantize_cache="auto", **setting)
@@ -226,6 +226,50 @@ def test_other_settings_are_other_entries(tiny_checkpoint, cache_home):
     assert len(entries(cache_home / "leangen")) == len(settings)
     for setting in settings:
         assert status(load(ckpt, quantize_cache="auto", **setting)) == "hit"
+
+
+def test_an_int4_entry_is_named_by_the_groups_its_layers_use(tiny_checkpoint, cache_home, capfd):
+    """The tiny model is 64 wide with a 128-wide MLP: group 128 fits only its down
+    projections, the other 13 Linears fall back to 64; a hit reports what quantizing did."""
+    ckpt = tiny_checkpoint("llama3_2")
+    capfd.readouterr()  # transformers' progress bars, when this test made the checkpoint
+    asked_128 = leangen.quant.quantize.QuantSpec("int4", group_size=128)
+    written = load(ckpt, quantize=asked_128, quantize_cache="auto")
+    hit = load(ckpt, quantize=asked_128, quantize_cache="auto")
+    assert (status(written), status(hit)) == ("written", "hit")
+    [entry] = entries(cache_home / "leangen")
+    assert "-int4-g128-g64-" in entry.name
+    done, read = written.leangen.quantization, hit.leangen.quantization
+    assert (read.counts, read.groups, read.fallbacks) == (done.counts, done.groups, done.fallbacks)
+    assert read.description == done.description == "int4 g128 (g64 on 13 of 15 Linears: in_features 64)"
+    assert read.groups == {128: 2, 64: 13}
+    notes = capfd.readouterr().err.splitlines()
+    assert len(notes) == 2 and notes[0] == notes[1]  # once per load, the hit included
+    assert notes[0].startswith("note: int4 group 128 does not divide every layer's inputs: group 64 on "
+                               "13 of 15 Linears (in_features 64).")
+    load(ckpt, quantize="int4", quantize_cache="auto")  # the default group, 32, fits every layer
+    assert [e.name for e in entries(cache_home / "leangen") if "-int4-g32-" in e.name] != []
+    assert capfd.readouterr().err == ""
+
+
+def test_the_key_says_which_groups_a_width_takes(tmp_path):
+    """Asked for the same group, a model its group divides and one it does not are two
+    entries: the fallback is in the key and the file name, not only in the setting."""
+    from leangen.quant.quantize import QuantSpec
+
+    (tmp_path / "checkpoint").mkdir()
+    files = (tmp_path / "checkpoint" / "model.safetensors",)
+    save_file({"x": torch.zeros(1)}, str(files[0]))
+    quantizer = Quantizer(QuantSpec("int4", group_size=128), torch.device("cpu"), torch.bfloat16)
+    entry = {}
+    for width in (256, 576):
+        with torch.device("meta"):
+            model = torch.nn.Sequential(torch.nn.Linear(width, 64), torch.nn.Linear(256, 64))
+        entry[width] = quant_cache.open_cache(tmp_path / "cache", files, None, quantizer, torch.bfloat16, model)
+    assert entry[256].key["quantize"] == {"kind": "int4", "group_size": 128, "groups_used": [128]}
+    assert entry[576].key["quantize"] == {"kind": "int4", "group_size": 128, "groups_used": [128, 64]}
+    assert "-int4-g128-bfloat16-" in entry[256].path.name
+    assert "-int4-g128-g64-bfloat16-" in entry[576].path.name
 
 
 # -- corrupt and unwritable --------------------------------------------------------------
@@ -328,12 +372,43 @@ def test_the_recipes_write_then_hit_the_cache_and_say_so(capsys, cache_home, tmp
         assert json.loads(out.read_text())["tokens"] == GOLDEN_IDS
         assert err.count("\n") == 1 and ("quantized cache hit" if expected == "hit"
                                           else f"quantized cache written: {entry}") in err
+        assert " | int8 | " in err and figures["quantization"]["description"] == "int8"
     results = tmp_path / "eval.json"
     for setting, expected in (("null", "off"), ("auto", "written"), ("auto", "hit")):
         code, _, err = run(capsys, "--config", "eval_demo", "~lm_eval", "quantize=int8",
                            f"quantize_cache={setting}", f"output_file={results}", recipe=eval_main)
         assert code == 0, err
         assert json.loads(results.read_text())["metrics"]["quantize_cache"] == expected
+        assert " | int8 | " in err
+
+
+def test_the_recipes_report_the_int4_groups_used(capsys, cache_home, tmp_path):
+    """The demo is 64 and 192 wide: the default group (32) fits; 128 falls back to 64
+    everywhere, which a note says once and the summary and the metrics carry."""
+    from test_recipe_cli import run
+
+    from leangen.eval import main as eval_main
+
+    metrics, results = tmp_path / "metrics.json", tmp_path / "eval.json"
+    code, _, err = run(capsys, "--config", "demo", "quantize=int4", f"metrics_file={metrics}")
+    assert code == 0, err
+    assert err.count("\n") == 1 and " | int4 g32 | " in err
+    figures = json.loads(metrics.read_text())["quantization"]
+    assert (figures["group_size"], figures["groups"], figures["fallbacks"]) == (32, {"32": 15}, {})
+    assert "-int4-g32-" in json.loads(metrics.read_text())["quantize_cache_file"]
+    for cache in ("null", "auto", "auto"):  # quantized, written, hit: each says it
+        code, _, err = run(capsys, "--config", "eval_demo", "~lm_eval", "quantize=int4",
+                           "quantize_group_size=128", f"quantize_cache={cache}",
+                           f"output_file={results}", recipe=eval_main)
+        assert code == 0, err
+        lines = err.splitlines()  # the note, eval's progress bar, the summary
+        note, line = lines[0], lines[-1]
+        assert [n for n in lines if n.startswith("note:")] == [note]
+        assert note.startswith("note: int4 group 128 does not divide every layer's inputs: group 64 on "
+                               "15 of 15 Linears (in_features 64, 192).")
+        assert " | int4 g128 (g64 on 15 of 15 Linears: in_features 64, 192) | " in line
+        figures = json.loads(results.read_text())["metrics"]["quantization"]
+        assert (figures["group_size"], figures["groups"]) == (128, {"64": 15})
 
 
 def test_version_of_a_source_tree_run(monkeypatch):

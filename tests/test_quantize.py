@@ -65,8 +65,8 @@ def test_model_bytes_count_the_quantized_tensors():
     assert tensor_bytes(linear.weight) == 64 * 256 + 64 * (2 + 8)
 
 
-def test_int4_group_falls_back_to_the_largest_divisor_else_skips():
-    spec = QuantSpec("int4")
+def test_int4_group_falls_back_to_the_largest_divisor_else_skips_and_says_so(capfd):
+    spec = QuantSpec("int4", group_size=128)
     assert [spec.group_for(n) for n in (256, 192, 96, 48)] == [128, 64, 32, None]
     assert QuantSpec("int4", group_size=64).group_for(256) == 64
     quantizer = Quantizer(spec, torch.device("cpu"), torch.bfloat16)
@@ -77,6 +77,46 @@ def test_int4_group_falls_back_to_the_largest_divisor_else_skips():
     assert quantizer.counts == {"quantized": 2, "skipped": 1}
     assert model[0].weight.block_size[-1] == 128 and model[1].weight.block_size[-1] == 64
     assert type(model[2].weight) is torch.nn.Parameter  # stays full precision
+    assert quantizer.report() == {
+        "kind": "int4", "group_size": 128, "groups": {128: 1, 64: 1}, "fallbacks": {64: [192]},
+        "quantized": 2, "skipped": 1,
+        "description": "int4 g128 (g64 on 1 of 2 Linears: in_features 192), 1 of 3 Linears left unquantized"}
+    out, err = capfd.readouterr()
+    assert out == "" and err == ("note: int4 group 128 does not divide every layer's inputs: group 64 on "
+                                 "1 of 2 Linears (in_features 192). Set quantize_group_size: 64 for one "
+                                 "group throughout.\n")
+
+
+def test_int4_defaults_to_group_32_and_reports_the_group_each_weight_has(capfd):
+    """The report is what the weights are: every int4 tensor's own block size."""
+    assert QuantSpec("int4").group_size == 32
+    model = load_demo(quantize="int4", dtype="bf16")  # 64 and 192 wide: 32 divides both
+    blocks = {m.weight.block_size[-1] for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    assert blocks == {32}
+    q = model.leangen.quantization
+    assert (q.scheme, q.group_size, q.groups, q.fallbacks, q.counts, q.description) == (
+        "int4", 32, {32: 15}, {}, {"quantized": 15, "skipped": 0}, "int4 g32")
+    assert capfd.readouterr().err == ""  # no fallback, no note
+
+
+def test_a_group_no_layer_takes_falls_back_everywhere_and_the_report_says_which_widths(capfd):
+    model = load_demo(quantize=QuantSpec("int4", group_size=128), dtype="bf16")  # 64 and 192 wide
+    blocks = {m.weight.block_size[-1] for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    assert blocks == {64}
+    report = model.leangen.quantization
+    assert report.groups == {64: 15} and report.fallbacks == {64: [64, 192]}
+    assert report.description == "int4 g128 (g64 on 15 of 15 Linears: in_features 64, 192)"
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("note: int4 group 128 does not divide")
+    assert "group 64 on 15 of 15 Linears (in_features 64, 192)." in err
+
+
+def test_int8_reports_its_kind_and_no_group():
+    model = load_demo(quantize="int8", dtype="bf16")
+    q = model.leangen.quantization
+    assert (q.scheme, q.group_size, q.groups, q.fallbacks, q.counts, q.description) == (
+        "int8", None, {}, {}, {"quantized": 15, "skipped": 0}, "int8")
+    assert load_demo().leangen.quantization is None
 
 
 def test_bad_settings_are_refused_in_one_line():

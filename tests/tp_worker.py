@@ -132,14 +132,26 @@ def dense(weight: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(eye, weight).T
 
 
+# int4 here in groups of 128, not the default 32: the tiny models' row shards (32 and 64
+# wide) then take a smaller group than their whole layers (64 and 128 wide), so the
+# inexact case is checked too; the "wide" model's shards still take 128 (exact)
+INT4_GROUP = 128
+
+
+def quant_spec(kind: str):
+    from leangen.quant.quantize import QuantSpec
+
+    return QuantSpec(kind, group_size=INT4_GROUP) if kind == "int4" else QuantSpec(kind)
+
+
 def quantized_alone(weight: torch.Tensor, kind: str) -> torch.Tensor:
     """``weight`` (a plain tensor) quantized on its own as leangen would, as dense fp32;
     a layer the quantizer skips stays as it is."""
-    from leangen.quant.quantize import Quantizer, QuantSpec
+    from leangen.quant.quantize import Quantizer
 
     linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     linear.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
-    Quantizer(QuantSpec(kind), torch.device("cpu"), weight.dtype).quantize_linear(linear)
+    Quantizer(quant_spec(kind), torch.device("cpu"), weight.dtype).quantize_linear(linear)
     return dense(linear.weight)
 
 
@@ -169,10 +181,10 @@ def quant_job(path: str, kind: str) -> dict:
     from leangen.quant.sharded import ShardLinear
 
     parallel = tp()
-    model = load_model("auto", path, parallel=parallel, quantize=kind)
+    model = load_model("auto", path, parallel=parallel, quantize=quant_spec(kind))
     single = load_model("auto", path)  # fp32: the reference weights
-    single_q = load_model("auto", path, quantize=kind)
-    emulated = load_model("auto", path, quantize=kind)
+    single_q = load_model("auto", path, quantize=quant_spec(kind))
+    emulated = load_model("auto", path, quantize=quant_spec(kind))
     layers = {}
     for name, module in model.named_modules():
         placement = _placement(module)

@@ -72,8 +72,9 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
     - ``quantize`` (None, "int8", "int4" or a ``leangen.quant.quantize.QuantSpec``): weight-only
       torchao quantization of every Linear, the output included (a tied one gets its own
       quantized copy), layer by layer as tensors are moved, so the full-precision model is
-      never resident. ``model.leangen.quantized`` is then ``{"quantized": n, "skipped": m}``
-      (skipped layers stay in full precision), else None.
+      never resident. ``model.leangen.quantization`` then holds the Linears quantized and
+      skipped (skipped layers stay in full precision) and, for int4, the groups used (a
+      group that does not divide a layer's inputs falls back to one that does), else None.
     - ``prepack=True`` (CPU, bf16/fp32): the Linears that stay in full precision are copied
       into oneDNN's blocked layout (``leangen.load.prepack``): decode is faster, but those
       weights then take anonymous memory instead of being the file's mmap.
@@ -125,7 +126,7 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
     if parallel is not None and prepacker is not None:  # the recipe refuses it too
         raise ConfigError("prepack with tensor parallelism is not supported: oneDNN's packed "
                           "Linear takes no DTensor shards. Drop prepack, or run one process.")
-    cache = open_cache(quantize_cache, raw.files, raw.config, hook, dtype, builder=builder,
+    cache = open_cache(quantize_cache, raw.files, raw.config, quantizer, dtype, model, builder=builder,
                        builder_kwargs=builder_kwargs, model_type=model_type,
                        family=view.family.name, qk_layout=qk_layout(model))
     mark("open checkpoint (headers, key plan, RoPE layout)")
@@ -138,8 +139,8 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
     mark("assign mmap views")
     # A hit: the quantized Linears are the cache file's mmap, final; nothing left to quantize.
     cached = cache.install(model, hook) if cache else set()
-    if cached:
-        hook, counts = None, cache.counts
+    if cached:  # the cache counted its Linears into the quantizer, as quantizing would have
+        hook = None
         pending = {n: t for n, t in pending.items() if n not in cached}
         mark("quantized cache: install", tensors=len(cached))
     materialise_buffers(model, device, positions=rope_positions)
@@ -162,14 +163,17 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
 
 
 def _quantization(quantizer: Quantizer | None, counts: dict | None, cache) -> Quantization | None:
-    """What ``quantize`` did: the scheme, the Linears counted (by the quantizer, or by the
-    cache on a hit) and the cache's status; None without ``quantize``."""
+    """What ``quantize`` did: the scheme, the Linears counted (by the quantizer, or planned
+    from the cache on a hit), the int4 groups used and the cache's status; None without
+    ``quantize``."""
     if quantizer is None:
         return None
-    spec = quantizer.spec
-    report = cache.report() if cache else {"status": "off", "file": None}
-    return Quantization(scheme=spec.kind, group_size=spec.group_size if spec.kind == "int4" else None,
-                        counts=dict(counts), cache=report["status"], cache_file=report["file"])
+    done = quantizer.report()
+    status = cache.report() if cache else {"status": "off", "file": None}
+    return Quantization(scheme=done["kind"], group_size=done["group_size"], counts=dict(counts),
+                        groups=done["groups"], fallbacks=done["fallbacks"],
+                        description=done["description"], cache=status["status"],
+                        cache_file=status["file"])
 
 
 def _is_auto(builder: Builder) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -13,6 +13,9 @@ class Quantization:
     scheme: str  # "int8" | "int4"
     group_size: int | None  # int4: the group asked for (a layer it does not divide falls back)
     counts: dict[str, Any]  # the quantizer's Linear counts: {"quantized": n, "skipped": m}
+    groups: dict[int, int] = field(default_factory=dict)  # int4: Linears per group used
+    fallbacks: dict[int, list[int]] = field(default_factory=dict)  # int4: group -> in_features it served
+    description: str = ""  # one phrase for the summary: "int8", "int4 g32", "int4 g128 (g64 on ...)"
     cache: str = "off"  # the quantized cache: "hit" | "written" | "off"
     cache_file: str | None = None  # the entry read or written
 

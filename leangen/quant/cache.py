@@ -68,8 +68,12 @@ def cache_dir(setting: CacheSetting) -> Path | None:
 
 
 def open_cache(setting: CacheSetting, files: tuple[Path, ...], config: dict | None,
-               quantizer: Quantizer | None, dtype: torch.dtype, **identity: Any) -> "QuantCache | None":
+               quantizer: Quantizer | None, dtype: torch.dtype, model: torch.nn.Module,
+               **identity: Any) -> "QuantCache | None":
     """The cache entry for this load, or None when there is nothing to cache or it is off.
+
+    ``model``: the meta-built model, whose Linears' widths decide the int4 groups used
+    (a group that does not divide a layer falls back): the entry's name and key say those.
 
     ``identity``: what else decides the quantized tensors (builder, its kwargs, model
     type, the q/k layout...), as JSON-able values, callables or DictConfigs."""
@@ -78,9 +82,11 @@ def open_cache(setting: CacheSetting, files: tuple[Path, ...], config: dict | No
         return None
     _refuse_checkpoint_folder(directory, files)
     spec = quantizer.spec
+    groups = quantizer.planned_groups(model)
     what = _canonical({
         "checkpoint": [str(f.resolve()) for f in files], **identity,
-        "quantize": {"kind": spec.kind, "group_size": spec.group_size if spec.kind == "int4" else None},
+        "quantize": {"kind": spec.kind, "group_size": spec.group_size if spec.kind == "int4" else None,
+                     "groups_used": groups},
         "device": quantizer.device.type,  # int4's packed layout differs per device
         "dtype": str(dtype),
     })
@@ -90,8 +96,8 @@ def open_cache(setting: CacheSetting, files: tuple[Path, ...], config: dict | No
         "config_sha256": _sha256(json.dumps(config, sort_keys=True).encode()),
         "versions": _versions(),
     }
-    group = f"-g{spec.group_size}" if spec.kind == "int4" else ""
-    name = (f"{_slug(files[0].resolve().parent.name)}-{spec.kind}{group}-{dtype_name(dtype)}-"
+    used = "".join(f"-g{g}" for g in groups)  # int4: "-g32"; with a fallback "-g128-g64"
+    name = (f"{_slug(files[0].resolve().parent.name)}-{spec.kind}{used}-{dtype_name(dtype)}-"
             f"{quantizer.device.type}-{_sha256(json.dumps(what, sort_keys=True).encode())[:16]}")
     return QuantCache(directory / f"{name}.safetensors", {**what, **valid})
 
@@ -103,15 +109,14 @@ class QuantCache:
     def __init__(self, path: Path, key: dict):
         self.path, self.key = path, key
         self.status = "off"
-        self.counts: dict[str, int] = {}
 
     def report(self) -> dict[str, str | None]:
         return {"status": self.status, "file": str(self.path) if self.status != "off" else None}
 
     def install(self, model: torch.nn.Module, quantizer: Quantizer) -> set[str]:
         """On a hit, make each quantized Linear's weight the cached tensor (a tied output
-        gets its own Linear, as the quantizer would do) and count them in ``counts`` (as the
-        quantizer's);
+        gets its own Linear, as the quantizer would do) and count them in the quantizer, as
+        quantizing would have;
         return the parameter names that are now final. On a miss (a stale or corrupt
         entry is reported in one line), return an empty set and change nothing."""
         targets = quantizer.targets(model)
@@ -127,7 +132,8 @@ class QuantCache:
                 linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
                 setattr(parent, attr, linear)
             linear.weight = torch.nn.Parameter(weight, requires_grad=False)  # .data cannot take a subclass
-        self.counts = {"quantized": len(weights), "skipped": len(targets) - len(weights)}
+        quantizer.count_planned(targets)  # _check_fits: the entry holds exactly the planned Linears
+        quantizer.note_fallbacks()
         self.status = "hit"
         return {f"{name}.weight" for name in weights}
 

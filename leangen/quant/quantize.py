@@ -29,6 +29,8 @@ What torchao 0.14 offers, per device:
 
 from __future__ import annotations
 
+import sys
+from collections import Counter
 from dataclasses import dataclass
 from typing import Union
 
@@ -38,6 +40,12 @@ from leangen.errors import ConfigError
 from leangen.load.output import output_projection
 
 KINDS = ("int8", "int4")
+# int4's default group: 32, llama.cpp's Q4_0 group. Measured on SmolLM-135M (576 wide),
+# torchao's min-max int4 raised perplexity by 53% at group 64 and 5% at 32 (int8: 1.3%):
+# a larger group's text is visibly worse. The cost: 5 bits per weight instead of 4.25 at
+# 128, and one CPU decode token's Linears took 0.98-1.14x group 128's time
+# (benchmarks/RESULTS_int4_groups.md, Llama-3.2-1B shapes): about the extra bytes, at most.
+DEFAULT_GROUP = 32
 # An int4 layer whose in_features the asked group does not divide falls back to the
 # largest of these that does; a layer none divides stays in full precision.
 FALLBACK_GROUPS = (128, 64, 32)
@@ -49,7 +57,7 @@ class QuantSpec:
     number of input features sharing one scale and zero point."""
 
     kind: str
-    group_size: int = 128
+    group_size: int = DEFAULT_GROUP
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -82,8 +90,10 @@ class Quantizer:
     """The per-module hook for the move stage: ``quantizer(name, module)`` once a
     module's tensors (and its children's) are final.
 
-    Counts what it did in ``counts`` (``{"quantized": n, "skipped": m}``); ``load_model``
-    reports them as ``model.leangen.quantization``.
+    Counts what it did in ``counts`` (``{"quantized": n, "skipped": m}``) and, for int4,
+    the group each Linear got in ``groups`` (``{(group, in_features): n}``); ``load_model``
+    reports them as ``model.leangen.quantization``. When the root's turn comes (last) it
+    says on stderr, once, when a group fell back.
     """
 
     def __init__(self, spec: QuantSpec, device: torch.device, dtype: torch.dtype):
@@ -102,6 +112,7 @@ class Quantizer:
             raise ConfigError(f"quantize: int4 runs on cpu or cuda, not {self.device.type}. "
                               "Use int8 there.")
         self.counts = {"quantized": 0, "skipped": 0}
+        self.groups: Counter[tuple[int, int]] = Counter()
         if spec.kind == "int8":
             from leangen.quant import int8_kernel
 
@@ -122,6 +133,79 @@ class Quantizer:
             output = output_projection(module)
             if output is not None and output.tied:
                 output.replace(self.untie(output.weight))
+            self.note_fallbacks()
+
+    def note_fallbacks(self) -> None:
+        """Say on stderr, once per load, when a group fell back (a plain line: it is news
+        about this load, not a code location's warning)."""
+        note = self.fallback_note()
+        if note:
+            print(note, file=sys.stderr, flush=True)
+
+    def count(self, in_features: int | None) -> None:
+        """One Linear met: quantized (with ``in_features`` inputs), or skipped (None)."""
+        if in_features is None:
+            self.counts["skipped"] += 1
+            return
+        self.counts["quantized"] += 1
+        if self.spec.kind == "int4":
+            self.groups[self.spec.group_for(in_features), in_features] += 1
+
+    def count_planned(self, targets: dict[str, torch.Size | None]) -> None:
+        """Count ``targets()``'s Linears as quantizing them would have: a cache hit's figures."""
+        for shape in targets.values():
+            self.count(None if shape is None else shape[1])
+
+    def groups_used(self) -> dict[int, int]:
+        """int4: Linears per group actually used, the largest group first ({} for int8)."""
+        used: Counter[int] = Counter()
+        for (group, _), n in self.groups.items():
+            used[group] += n
+        return dict(sorted(used.items(), reverse=True))
+
+    def fallbacks(self) -> dict[int, list[int]]:
+        """int4: each group used instead of the asked one, with the in_features it serves."""
+        found: dict[int, set[int]] = {}
+        for group, in_features in self.groups:
+            if group != self.spec.group_size:
+                found.setdefault(group, set()).add(in_features)
+        return {g: sorted(found[g]) for g in sorted(found, reverse=True)}
+
+    def describe(self) -> str:
+        """One phrase: ``int8``, ``int4 g32``, or with a fallback
+        ``int4 g128 (g64 on 181 of 211 Linears: in_features 576)``; skipped Linears last."""
+        text = self.spec.kind
+        if self.spec.kind == "int4":
+            text += f" g{self.spec.group_size}"
+            used, total = self.groups_used(), self.counts["quantized"]
+            others = [f"g{g} on {used[g]} of {total} Linears: in_features {_listed(ins)}"
+                      for g, ins in self.fallbacks().items()]
+            if others:
+                text += f" ({'; '.join(others)})"
+        skipped = self.counts["skipped"]
+        if skipped:
+            text += f", {skipped} of {skipped + self.counts['quantized']} Linears left unquantized"
+        return text
+
+    def fallback_note(self) -> str | None:
+        """The stderr line for a group fallback, None without one."""
+        fallbacks = self.fallbacks()
+        if not fallbacks:
+            return None
+        used, total = self.groups_used(), self.counts["quantized"]
+        uses = "; ".join(f"group {g} on {used[g]} of {total} Linears (in_features {_listed(ins)})"
+                         for g, ins in fallbacks.items())
+        # the groups are powers of two: the smallest used divides every quantized layer
+        return (f"note: int4 group {self.spec.group_size} does not divide every layer's inputs: "
+                f"{uses}. Set quantize_group_size: {min(used)} for one group throughout.")
+
+    def report(self) -> dict:
+        """What this load quantized, for the recipes' metrics and API users: the kind, the
+        asked group, Linears per group used, the fallbacks, the counts, one-phrase description."""
+        int4 = self.spec.kind == "int4"
+        return {"kind": self.spec.kind, "group_size": self.spec.group_size if int4 else None,
+                "groups": self.groups_used(), "fallbacks": self.fallbacks(), **self.counts,
+                "description": self.describe()}
 
     def config(self, linear: torch.nn.Linear):
         """torchao's config for this layer, or None when it cannot be quantized."""
@@ -140,7 +224,7 @@ class Quantizer:
     def quantize_linear(self, linear: torch.nn.Linear) -> None:
         config = self.config(linear)
         if config is None:
-            self.counts["skipped"] += 1
+            self.count(None)
             return
         # one chunk, or a format whose rows cannot be joined: torchao's whole-layer path
         weight = (self.quantize_rows(linear.weight, config)
@@ -149,7 +233,7 @@ class Quantizer:
             self._quantize_(linear, config)
         else:
             linear.weight = torch.nn.Parameter(weight, requires_grad=False)
-        self.counts["quantized"] += 1
+        self.count(linear.in_features)
 
     def quantize_rows(self, weight: torch.Tensor, config) -> torch.Tensor | None:
         """``weight`` quantized ``chunk_rows`` output rows at a time into one preallocated
@@ -196,6 +280,13 @@ class Quantizer:
             found[output.name] = linear.weight.shape if self.config(linear) is not None else None
         return found
 
+    def planned_groups(self, model: torch.nn.Module) -> list[int]:
+        """int4: the groups quantizing this (meta) model will use, the largest first; [] for int8."""
+        if self.spec.kind != "int4":
+            return []
+        return sorted({self.spec.group_for(shape[1]) for shape in self.targets(model).values()
+                       if shape is not None}, reverse=True)
+
     def untie(self, weight: torch.Tensor) -> torch.nn.Linear:
         """A Linear sharing the embedding's ``weight``, then quantized: its own quantized copy,
         and the embedding's tensor untouched. Unquantized (skipped), it stays shared."""
@@ -203,6 +294,10 @@ class Quantizer:
         self.quantize_linear(linear)
         return linear.requires_grad_(False)
 
+
+
+def _listed(numbers: list[int]) -> str:
+    return ", ".join(map(str, numbers))
 
 
 def linear_holding(weight: torch.Tensor) -> torch.nn.Linear:

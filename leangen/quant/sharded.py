@@ -87,7 +87,7 @@ class ShardQuantizer:
         local = weight.to_local()
         plain = linear_holding(local)
         if output is None or self.quantizer.config(plain) is None:
-            self.quantizer.counts["skipped"] += 1  # stays a full-precision DTensor
+            self.quantizer.count(None)  # stays a full-precision DTensor
             return
         self.quantizer.quantize_linear(plain)  # counts it
         linear.weight = plain.weight  # quantize_ made it a Parameter

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import resource
 from typing import Any
@@ -20,10 +21,13 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 
 def load_metrics(model: torch.nn.Module) -> dict[str, Any]:
-    """``load_seconds``, and ``quantize_cache``: hit | written | off, with the entry's
-    file when one was used (from ``model.leangen``, what load_model did)."""
-    cache = model.leangen.quant_cache
-    return {"load_seconds": model.leangen.seconds,
+    """``load_seconds``; ``quantization``: what the load quantized (scheme, int4 groups used,
+    counts, description), None at full precision; ``quantize_cache``: hit | written | off,
+    with the entry's file when one was used (all from ``model.leangen``, what load_model did)."""
+    report = model.leangen
+    cache = report.quant_cache
+    quantization = dataclasses.asdict(report.quantization) if report.quantization else None
+    return {"load_seconds": report.seconds, "quantization": quantization,
             "quantize_cache": cache["status"], "quantize_cache_file": cache["file"]}
 
 
@@ -52,6 +56,7 @@ def summary(metrics: dict[str, Any]) -> str:
     device = metrics.get("peak_device_bytes")
     parts = [
         f"load {metrics['load_seconds']:.2f} s" + _cache_note(metrics),
+        (metrics.get("quantization") or {}).get("description"),  # int4 g32, int8, ...
         f"first token {metrics['first_token_seconds']:.2f} s" if "first_token_seconds" in metrics else None,
         f"{metrics['tokens_per_second']:.1f} tok/s" if metrics.get("tokens_per_second") else None,
         f"{_figure(metrics['bandwidth_gb_per_s'])} GB/s" if metrics.get("bandwidth_gb_per_s") else None,
