@@ -5,7 +5,7 @@ Run by the benchmark in a fresh process:
 
 ``--quantize`` applies torchao weight-only quantization to the loaded model with
 ``torchao.quantization.quantize_``, the same configs leangen uses on CPU (int8:
-``Int8WeightOnlyConfig``; int4: ``Int4WeightOnlyConfig(group_size=128,
+``Int8WeightOnlyConfig``; int4: ``Int4WeightOnlyConfig(group_size=32,
 int4_packing_format="opaque")``). transformers' own ``TorchAoConfig`` would be the
 usual route, but transformers 5 requires torchao >= 0.15 for it, and torchtune 0.6.1
 (leangen's base) needs torchao < 0.15: ``TorchAoConfig`` then raises "TorchAoConfig
@@ -94,7 +94,7 @@ def _quantize(model, kind: str, device: str) -> None:
     # The packing leangen uses on each device (leangen/quantize.py)
     packing = "opaque" if device == "cpu" else "tile_packed_to_4d"
     config = (Int8WeightOnlyConfig() if kind == "int8"
-              else Int4WeightOnlyConfig(group_size=128, int4_packing_format=packing))
+              else Int4WeightOnlyConfig(group_size=32, int4_packing_format=packing))
     quantize_(model, config)
 
 

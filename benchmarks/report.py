@@ -19,11 +19,11 @@ TARGET_PRESET = "llama3_2_1b"
 LOW_RAM_PRESET = "mistral7b"
 # Bytes per weight (transformer blocks' matmuls, output projection) that a decode step
 # reads, per weight format; scales and zero points included. torchao int8: per-row
-# scales (negligible); torchao int4: group 128 with a bf16 scale and zero point each;
+# scales (negligible); torchao int4: group 32 (leangen's default) with a bf16 scale and zero point each;
 # GGUF Q8_0: 34 bytes per 32; Q4_0: 18 bytes per 32, and llama-quantize's default
 # keeps the output projection at Q6_K (210 bytes per 256).
 BYTES_PER_WEIGHT = {
-    "bf16": (2.0, 2.0), "int8": (1.0, 1.0), "int4": (0.5 + 4 / 128, 0.5 + 4 / 128),
+    "bf16": (2.0, 2.0), "int8": (1.0, 1.0), "int4": (0.5 + 4 / 32, 0.5 + 4 / 32),
     "Q8_0": (34 / 32, 34 / 32), "Q4_0": (18 / 32, 210 / 256),
 }
 # Rows of the decode-by-format table: (label, leangen, transformers, llama.cpp).

@@ -1,7 +1,7 @@
 """The systems: how each is started, and how its figures are read back.
 
 leangen, torchtune and transformers in bf16; leangen and transformers quantized
-with torchao (``-int8``, ``-int4``: weight-only, int4 in groups of 128); llama.cpp
+with torchao (``-int8``, ``-int4``: weight-only, int4 in groups of 32, leangen's default and Q4_0's); llama.cpp
 through llama-cpp-python on GGUF files made by llama.cpp's own converter and
 quantizer (``llama.cpp-bf16``, ``-Q8_0``, ``-Q4_0``; see ``gguf_files.py``).
 llama.cpp is given the same number of threads as torch uses, the same prompt ids,
