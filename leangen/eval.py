@@ -116,7 +116,9 @@ class EvalRecipe:
         self.sequences = {path: _tokenize(path, text, self.tokenizer, cfg.add_bos)
                           for path, text in texts.items()}
         # the tasks' datasets load now, so a missing one fails before the model loads
-        self.task_dict = load_tasks(cfg.lm_eval) if cfg.lm_eval else None
+        block = cfg.lm_eval
+        self.task_dict = (load_tasks(list(block.tasks), include_path=block.include_path,
+                                     num_fewshot=block.num_fewshot) if block else None)
         self.model = model_from_config(cfg, self.device, positions=cfg.max_seq_len)  # windows, requests
         self.metrics.update(load_metrics(self.model))
         limit, why = context_limit(self.model)

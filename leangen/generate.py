@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any, ClassVar, Dict, Optional, Union
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from leangen.decode.generation import Completions, check_fits, complete
 from leangen.decode.sampling import check_sampling, sample
-from leangen.decode.text import IncrementalDecoder, Prompt, prompts_from_config
+from leangen.decode.text import IncrementalDecoder, Prompt, prompts_for
 from leangen.errors import ConfigError, Interrupted
 from leangen.parallel.ranks import Ranks
 from leangen.recipe.cli import config_key, output_path, parse_args, run_recipe
@@ -98,7 +98,11 @@ class GenerateRecipe:
         """Everything that can fail on the user's input fails here, before decoding starts."""
         self.outputs = _reject_bad_options(cfg, self.ranks)
         self.tokenizer = tokenizer_from_config(cfg)
-        self.prompts = prompts_from_config(cfg, self.tokenizer)  # bad prompts fail before the load
+        prompt = cfg.prompt
+        if OmegaConf.is_config(prompt):  # {system, user}; resolved, so an escaped ${ stays literal
+            prompt = OmegaConf.to_container(prompt, resolve=True)
+        self.prompts = prompts_for(prompt, self.tokenizer, prompts_file=cfg.prompts_file,
+                                   add_bos=cfg.add_bos)  # bad prompts fail before the load
         parallel = None
         if self.ranks.distributed:
             from leangen.parallel.tensor_parallel import TensorParallel

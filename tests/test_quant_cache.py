@@ -385,7 +385,7 @@ def test_the_recipes_write_then_hit_the_cache_and_say_so(capsys, cache_home, tmp
 def test_the_recipes_report_the_int4_groups_used(capsys, cache_home, tmp_path):
     """The demo is 64 and 192 wide: the default group (32) fits; 128 falls back to 64
     everywhere, which a note says once and the summary and the metrics carry."""
-    from test_recipe_cli import run
+    from tiny_models import run_recipe as run
 
     from leangen.eval import main as eval_main
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
 
-from omegaconf import DictConfig, OmegaConf
 from torchtune.data import Message, Role
 
 from leangen.errors import ConfigError
@@ -20,15 +19,14 @@ class Prompt:
     raw: bool  # a plain completion (echo the prompt), not a chat turn
 
 
-def prompts_from_config(cfg: DictConfig, tokenizer) -> list[Prompt]:
+def prompts_for(prompt: str | dict | None, tokenizer, *, prompts_file: str | None = None,
+                add_bos: str | bool = "auto") -> list[Prompt]:
     """``prompts_file`` if set, else ``prompt``: a string (raw completion, with BOS as
     ``add_bos`` says) or ``{system, user}`` through the tokenizer's chat template."""
-    add_bos = cfg.get("add_bos", "auto")
-    if cfg.get("prompts_file"):
-        return [tokenize(item, tokenizer, add_bos=add_bos) for item in read_prompts_file(Path(cfg.prompts_file))]
-    if cfg.get("prompt") is None:
+    if prompts_file:
+        return [tokenize(item, tokenizer, add_bos=add_bos) for item in read_prompts_file(Path(prompts_file))]
+    if prompt is None:
         raise ConfigError("set 'prompt' (a string or {system, user}) or 'prompts_file'.")
-    prompt = OmegaConf.to_container(cfg.prompt, resolve=True) if OmegaConf.is_config(cfg.prompt) else cfg.prompt
     if isinstance(prompt, dict):
         unknown = sorted(set(prompt) - {"system", "user"})
         if unknown:
@@ -40,7 +38,7 @@ def prompts_from_config(cfg: DictConfig, tokenizer) -> list[Prompt]:
     elif isinstance(prompt, list):
         raise ConfigError("prompt: give a string or {system, user}; for several prompts use prompts_file.")
     else:
-        prompt = str(prompt)  # `prompt=42` on the command line arrives as an int
+        prompt = str(prompt)  # `prompt: 42` in a YAML arrives as an int
     return [tokenize(prompt, tokenizer, add_bos=add_bos)]
 
 

@@ -12,7 +12,6 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig
 
 from leangen.errors import ConfigError
 
@@ -23,17 +22,19 @@ INSTALL_HINT = (f"pip install {LM_EVAL_REQUIREMENT} (or, in a clone of leangen, 
                 "pip install -e '.[eval]', which does the same)")
 
 
-def load_tasks(block: DictConfig) -> dict:
-    """lm-eval's task dict ({"tasks", "groups", ...}), every task's dataset loaded, set up
-    as simple_evaluate sets it up: seeded before the load, few-shot overrides after."""
-    names, manager = _resolve_tasks(block)
+def load_tasks(tasks: list[str], *, include_path: str | None = None,
+               num_fewshot: int | None = None) -> dict:
+    """lm-eval's task dict ({"tasks", "groups", ...}) for the task names (globs allowed),
+    every task's dataset loaded, set up as simple_evaluate sets it up: seeded before the
+    load, few-shot overrides after. ``include_path``: a folder of the user's task YAMLs."""
+    names, manager = _resolve_tasks(list(tasks), include_path)
     _seed_like_simple_evaluate()
     task_dict = _load_datasets(names, manager)
-    _set_fewshot(task_dict["tasks"], block.num_fewshot)
+    _set_fewshot(task_dict["tasks"], num_fewshot)
     return task_dict
 
 
-def _resolve_tasks(block: DictConfig) -> tuple[list[str], Any]:
+def _resolve_tasks(tasks: list[str], include_path: str | None) -> tuple[list[str], Any]:
     """The task names (globs expanded) and the lm-eval TaskManager that knows them.
 
     Indexing lm-eval's ~15k built-in task YAMLs takes seconds, so when every name
@@ -41,25 +42,25 @@ def _resolve_tasks(block: DictConfig) -> tuple[list[str], Any]:
     precedence over built-in ones anyway.
     """
     TaskManager = _import_lm_eval()
-    if not block.tasks:
+    if not tasks:
         raise ConfigError("lm_eval.tasks is empty: name at least one task.")
     include = None
-    if block.include_path:
-        include = str(Path(block.include_path).expanduser())
+    if include_path:
+        include = str(Path(include_path).expanduser())
         if not Path(include).is_dir():
-            raise ConfigError(f"lm_eval.include_path: '{block.include_path}' is not a folder.")
+            raise ConfigError(f"lm_eval.include_path: '{include_path}' is not a folder.")
         local = TaskManager(include_path=include, include_defaults=False)
-        names = local.match_tasks(list(block.tasks))
+        names = local.match_tasks(tasks)
         # a local group or tag may name built-in tasks: those need the full index
-        if all(local.match_tasks([name]) for name in block.tasks) and set(names) <= set(local.all_subtasks):
+        if all(local.match_tasks([name]) for name in tasks) and set(names) <= set(local.all_subtasks):
             return names, local
     manager = TaskManager(include_path=include)
-    for name in block.tasks:
+    for name in tasks:
         if not manager.match_tasks([name]):
             where = f"in include_path '{include}' nor " if include else ""
             raise ConfigError(f"lm_eval.tasks: unknown task '{name}': not {where}among lm-eval's "
                               f"{len(manager.all_tasks)} built-in tasks, groups and tags.")
-    return manager.match_tasks(list(block.tasks)), manager
+    return manager.match_tasks(tasks), manager
 
 
 def _seed_like_simple_evaluate() -> None:
