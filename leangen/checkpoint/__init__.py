@@ -4,6 +4,7 @@ from leangen.checkpoint._files import (
     DIRECTORY_LAYOUTS,
     CheckpointPath,
     read_config,
+    read_json,
     resolve_files,
 )
 from leangen.checkpoint._formats import READERS, open_file
@@ -11,5 +12,5 @@ from leangen.checkpoint._store import RawCheckpoint, open_raw
 
 __all__ = [
     "CheckpointPath", "DIRECTORY_LAYOUTS", "READERS", "RawCheckpoint",
-    "open_file", "open_raw", "read_config", "resolve_files",
+    "open_file", "open_raw", "read_config", "read_json", "resolve_files",
 ]

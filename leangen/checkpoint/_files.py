@@ -83,13 +83,21 @@ def read_config(directory: Path) -> dict | None:
     """The model folder's config.json (HF), else its params.json (Meta), as a dict; None
     when it has neither. Every reader of a folder's model config goes through here."""
     for name in ("config.json", "params.json"):
-        path = Path(directory) / name
-        if path.is_file():
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except ValueError as e:
-                raise CheckpointError(f"{path}: not valid JSON ({e}).") from e
-            if not isinstance(data, dict):
-                raise CheckpointError(f"{path}: expected a JSON object, not {type(data).__name__}.")
+        data = read_json(Path(directory) / name)
+        if data is not None:
             return data
     return None
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON object from a file of the model folder (config, tokenizer settings), None
+    when there is no such file; bad JSON is one line naming the file."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}).") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, not {type(data).__name__}.")
+    return data

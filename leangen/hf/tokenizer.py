@@ -21,12 +21,12 @@ tiktoken, told apart by content) with torchtune's tokenizer for the family, else
 from __future__ import annotations
 
 import base64
-import json
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from leangen.checkpoint import read_config
+from leangen.checkpoint import read_json as read_folder_json
 from leangen.errors import ConfigError
 from leangen.hf.chat_template import SPECIAL_TOKEN_NAMES, ChatTemplate
 
@@ -35,15 +35,7 @@ __all__ = ["HFTokenizer", "tokenizer_from_folder", "tokenizer_model_kind", "read
 
 def read_json(path: Path) -> dict:
     """A JSON object from ``path``, or {} when there is no such file."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e}).") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object.")
-    return data
+    return read_folder_json(path) or {}
 
 
 def generation_eos_ids(folder: Path) -> list[int]:
