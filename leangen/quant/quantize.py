@@ -43,8 +43,8 @@ KINDS = ("int8", "int4")
 # int4's default group: 32, llama.cpp's Q4_0 group. Measured on SmolLM-135M (576 wide),
 # torchao's min-max int4 raised perplexity by 53% at group 64 and 5% at 32 (int8: 1.3%):
 # a larger group's text is visibly worse. The cost: 5 bits per weight instead of 4.25 at
-# 128, and one CPU decode token's Linears took 0.98-1.14x group 128's time
-# (benchmarks/RESULTS_int4_groups.md, Llama-3.2-1B shapes): about the extra bytes, at most.
+# 128, and one CPU decode token's Linears took 1.02x (2 threads) to 1.09x (1 thread) group
+# 128's time (benchmarks/RESULTS_int4_groups.md, Llama-3.2-1B shapes).
 DEFAULT_GROUP = 32
 # An int4 layer whose in_features the asked group does not divide falls back to the
 # largest of these that does; a layer none divides stays in full precision.
