@@ -7,6 +7,8 @@ ever written to the checkpointer's ``output_dir``.
 
 from __future__ import annotations
 
+import difflib
+
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,13 +71,32 @@ def checkpoint_source(cfg: DictConfig) -> tuple[Any, str]:
         if not OmegaConf.is_dict(block):
             raise ConfigError(f"checkpoint: '{block}' is not a block; set checkpoint.path=/path/to/model "
                               "(a directory, a file or a list of files).")
-        if block.get("path") is None:
-            raise ConfigError("checkpoint.path is not set: give a directory, a file or a list of files.")
+        _check_checkpoint_block(block)
         path = OmegaConf.to_object(block.path) if OmegaConf.is_list(block.path) else block.path
         return path, str(block.get("model_type", "auto"))
     if cfg.get("checkpointer") is not None:
         return _from_checkpointer(cfg.checkpointer)
     raise ConfigError("no checkpoint: set checkpoint.path (or a torchtune checkpointer block).")
+
+
+CHECKPOINT_KEYS = {"path": "a directory, a file or a list of files",
+                   "model_type": "auto, or a family name (llama, mistral, qwen2, ...)",
+                   "strict_config": "true | false"}
+
+
+def _check_checkpoint_block(block: DictConfig) -> None:
+    """The ``checkpoint:`` block's keys: a typo such as ``strict_confg`` must not be
+    ignored, and ``strict_config`` must be a boolean, not any truthy text."""
+    for key in block:
+        if key not in CHECKPOINT_KEYS:
+            close = difflib.get_close_matches(str(key), CHECKPOINT_KEYS, n=1)
+            hint = f"Did you mean 'checkpoint.{close[0]}'?" if close else f"Keys: {', '.join(CHECKPOINT_KEYS)}."
+            raise ConfigError(f"unknown key 'checkpoint.{key}'. {hint}")
+    if block.get("path") is None:
+        raise ConfigError("checkpoint.path is not set: give a directory, a file or a list of files.")
+    strict = block.get("strict_config", True)
+    if not isinstance(strict, bool):
+        raise ConfigError(f"checkpoint.strict_config={strict}: give true or false.")
 
 
 def _from_checkpointer(block: DictConfig) -> tuple[list[str], str]:

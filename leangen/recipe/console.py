@@ -39,14 +39,22 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
 
 def launch(module: str) -> int:
     """Import the recipe ``module`` and run its ``main``; Ctrl-C at any moment is one line."""
+    previous = signal.getsignal(signal.SIGINT)
+    if not os.environ.get(DEBUG_ENV):
+        # A KeyboardInterrupt raised inside a third-party import can surface as another
+        # error (numpy: "cannot load module more than once") or be swallowed. Nothing is
+        # done yet while the recipe imports, so the handler ends the process right there.
+        signal.signal(signal.SIGINT, _interrupted_while_importing)
     try:
         main = importlib.import_module(module).main
-        return main()
-    except KeyboardInterrupt:  # the recipe's main handles its own; this is the imports
-        if os.environ.get(DEBUG_ENV):
-            raise
-        print_line(INTERRUPTED)
-        return 128 + signal.SIGINT
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return main()
+
+
+def _interrupted_while_importing(signum, frame) -> None:
+    print_line(INTERRUPTED)
+    os._exit(128 + signal.SIGINT)
 
 
 def generate() -> int:
