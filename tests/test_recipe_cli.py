@@ -446,3 +446,15 @@ def test_strict_config_false_is_one_warning_line_that_says_what_happened(capsys,
                        "false (strict_config=False): its outputs may be wrong. Use model: auto, or fix the "
                        "builder's arguments.")
     assert summary.startswith("load ")
+
+
+def test_a_tokenizer_smaller_than_the_model_is_one_line_when_the_model_leaves_it(capsys, folder_without_tokenizer):
+    """A 512-id model with the demo's 96-id sentencepiece tokenizer: the first generated id
+    past 95 cannot be decoded; that is a wrong tokenizer, said in one line."""
+    from leangen.demo import demo_dir
+
+    code, _, err = run(capsys, "--config", "auto", f"checkpoint.path={folder_without_tokenizer(512)}",
+                       f"tokenizer.path={demo_dir() / 'tokenizer.model'}", "prompt=one two",
+                       "max_new_tokens=40", "temperature=0")
+    assert code == 1
+    assert err.count("\n") == 1 and "which the tokenizer does not have (its vocabulary has 96 ids)" in err

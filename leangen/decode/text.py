@@ -115,6 +115,19 @@ def tokenize(prompt: str | list[dict], tokenizer, *, add_bos: str | bool = "auto
     return Prompt(prompt, tokens, raw=False)
 
 
+def decode(tokenizer, ids: list[int]) -> str:
+    """``tokenizer.decode(ids)``; an id the tokenizer does not have (sentencepiece raises
+    IndexError) means the tokenizer is not the model's: one line, not a traceback."""
+    try:
+        return tokenizer.decode(ids)
+    except (IndexError, KeyError, OverflowError) as e:
+        size = getattr(tokenizer, "vocab_size", None)
+        known = f" (its vocabulary has {size} ids)" if size else ""
+        raise ConfigError(f"the model produced token id {max(ids)}, which the tokenizer does not have{known}: "
+                          "the tokenizer is not this model's. Point tokenizer.path at the model's "
+                          "own tokenizer files.") from e
+
+
 class IncrementalDecoder:
     """Text of the generated ids, decoded with the prompt as context so that
     SentencePiece's leading spaces and multi-byte characters come out right."""
@@ -126,14 +139,14 @@ class IncrementalDecoder:
     def __init__(self, tokenizer, prompt_tokens: list[int]):
         self.tokenizer = tokenizer
         self.prompt_tokens = list(prompt_tokens)[-self.CONTEXT_TOKENS:]
-        self.prefix = tokenizer.decode(self.prompt_tokens)
+        self.prefix = decode(tokenizer, self.prompt_tokens)
         self.shown = 0
 
     def text(self, generated: list[int]) -> str:
-        full = self.tokenizer.decode(self.prompt_tokens + list(generated))
+        full = decode(self.tokenizer, self.prompt_tokens + list(generated))
         if full.startswith(self.prefix):
             return full[len(self.prefix):]
-        return self.tokenizer.decode(list(generated))
+        return decode(self.tokenizer, list(generated))
 
     def new_text(self, generated: list[int]) -> str:
         """What to print now: the text not yet shown, minus an unfinished character."""
