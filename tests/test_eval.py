@@ -310,3 +310,9 @@ def test_without_lm_eval_the_error_says_how_to_install(tmp_path, capsys, monkeyp
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     code, _, err = run(capsys, f"output_file={tmp_path}/r.json")
     assert_one_line_error(code, err, "pip install lm-eval==0.4.13", "pip install -e '.[eval]'")
+
+
+def test_a_negative_num_fewshot_gives_a_one_line_error(tmp_path, capsys):
+    code, _, err = run(capsys, "lm_eval.num_fewshot=-1", "~perplexity", f"output_file={tmp_path}/r.json")
+    assert_one_line_error(code, err, "lm_eval.num_fewshot=-1: give 0 or more")
+    assert not (tmp_path / "r.json").exists()

@@ -69,3 +69,14 @@ def test_sampled_ids_follow_the_probabilities():
     draws = sample(logits, 1.0, top_k=3, generator=torch.Generator().manual_seed(0))
     counts = torch.bincount(draws, minlength=4).float() / len(draws)
     torch.testing.assert_close(counts, logits_to_probs(logits[:1], 1.0, top_k=3)[0], atol=0.02, rtol=0)
+
+
+@pytest.mark.parametrize("setting, line", [
+    (dict(temperature=-1, top_k=None, top_p=None), "temperature=-1: give 0 (greedy) or more."),
+    (dict(temperature=1, top_k=0, top_p=None), "top_k=0: give at least 1, or null for no top-k."),
+    (dict(temperature=1, top_k=None, top_p=2), "top_p=2: give a number in (0, 1], or null for no top-p."),
+])
+def test_a_bad_sampling_setting_names_the_key_and_its_value(setting, line):
+    with pytest.raises(ValueError) as raised:
+        check_sampling(**setting)
+    assert str(raised.value) == line

@@ -7,11 +7,11 @@ import torch
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        raise ValueError(f"temperature={temperature}: give 0 (greedy) or more.")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or null, got {top_k}")
+        raise ValueError(f"top_k={top_k}: give at least 1, or null for no top-k.")
     if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] or null, got {top_p}")
+        raise ValueError(f"top_p={top_p}: give a number in (0, 1], or null for no top-p.")
 
 
 def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None,

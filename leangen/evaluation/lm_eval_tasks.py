@@ -27,6 +27,8 @@ def load_tasks(tasks: list[str], *, include_path: str | None = None,
     """lm-eval's task dict ({"tasks", "groups", ...}) for the task names (globs allowed),
     every task's dataset loaded, set up as simple_evaluate sets it up: seeded before the
     load, few-shot overrides after. ``include_path``: a folder of the user's task YAMLs."""
+    if num_fewshot is not None and num_fewshot < 0:
+        raise ConfigError(f"lm_eval.num_fewshot={num_fewshot}: give 0 or more, or null for each task's own.")
     names, manager = _resolve_tasks(list(tasks), include_path)
     _seed_like_simple_evaluate()
     task_dict = _load_datasets(names, manager)

@@ -27,8 +27,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
         return auto_device()
     try:
         device = torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError(f"device '{device}' is not a torch device ({e}). Use auto, cpu or cuda.") from e
+    except RuntimeError as e:  # torch's message lists some twenty device types: not worth a line
+        raise ConfigError(f"device '{device}' is not a torch device. Use auto, cpu, cuda or cuda:N.") from e
     available = DEVICE_AVAILABLE.get(device.type)
     if available is None:
         raise ConfigError(f"device '{device}': leangen runs on {', '.join(DEVICE_AVAILABLE)}; "
