@@ -84,7 +84,8 @@ def _load_full(checkpoint: str, parallel, model_type: str):
 
     from leangen.checkpoint import read_config
     from leangen.checkpoint.convert import Geometry
-    from leangen.hf.config import builder_for, parse_config
+    from leangen.hf.config import parse_config
+    from leangen.hf.families import builder_for
     from leangen.load.pipeline import build_on_meta
 
     files = sorted(p.name for p in Path(checkpoint).glob("model-*.safetensors"))

@@ -19,7 +19,8 @@ from tiny_models import (
 
 import leangen
 from leangen import ConversionError
-from leangen.hf.config import ModelConfig, builder_for, parse_config
+from leangen.hf.config import ModelConfig, parse_config
+from leangen.hf.families import builder_for
 from leangen.recipe.components import model_from_config
 
 SEQ_LEN = 96

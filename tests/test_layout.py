@@ -31,8 +31,8 @@ def test_top_level_modules_are_only_the_recipes_errors_and_old_paths():
 
 
 @pytest.mark.parametrize("old, new", [
-    ("leangen.hf_config.gemma2", "leangen.hf.config.gemma2"),
-    ("leangen.hf_config.llama2_tied", "leangen.hf.config.llama2_tied"),
+    ("leangen.hf_config.gemma2", "leangen.hf.builders.gemma2"),
+    ("leangen.hf_config.llama2_tied", "leangen.hf.builders.llama2_tied"),
 ])
 def test_builder_paths_written_in_older_yamls_resolve_as_torchtune_resolves_them(old, new):
     assert _get_component_from_path(old) is _get_component_from_path(new)

@@ -348,7 +348,7 @@ def test_shard_ranges_follow_torch_chunk(size, parts):
 
 @pytest.mark.parametrize("builder", ["torchtune.models.llama3_2.llama3_2", "torchtune.models.llama3_1.llama3_1_70b",
                                      "torchtune.models.mistral.mistral", "torchtune.models.qwen2.qwen2",
-                                     "torchtune.models.qwen2_5.qwen2_5_7b_instruct", "leangen.hf.config.llama2_tied"])
+                                     "torchtune.models.qwen2_5.qwen2_5_7b_instruct", "leangen.hf.builders.llama2_tied"])
 def test_llama_style_families_default_to_torchtunes_plan(builder):
     assert default_plan(builder) == LLAMA_PLAN
     plan = resolve_plan(None, builder)

@@ -112,7 +112,7 @@ FAMILIES: dict[str, TinyFamily] = {
     "gemma2": TinyFamily(  # torchtune's gemma2 caps hidden states, not logits: leangen's
         _config("Gemma2Config", head_dim=32, query_pre_attn_scalar=32, sliding_window=4096,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-        "Gemma2ForCausalLM", "leangen.hf.config.gemma2",
+        "Gemma2ForCausalLM", "leangen.hf.builders.gemma2",
         dict(_COMMON_TUNE, head_dim=32, rope_base=10000, query_pre_attn_scalar=32), tied=True,
         model_type="gemma2"),
     "phi3": TinyFamily(
@@ -258,15 +258,15 @@ def copy_checkpoint(checkpoint: TinyCheckpoint, to: Path) -> TinyCheckpoint:
 # name -> (family, tied, transformers config overrides, builder model: auto picks)
 VARIANTS = {
     "llama-untied": ("llama", False, {}, "torchtune.models.llama2.llama2"),
-    "llama-tied": ("llama", True, {}, "leangen.hf.config.llama2_tied"),
+    "llama-tied": ("llama", True, {}, "leangen.hf.builders.llama2_tied"),
     "llama-theta": ("llama", True, {"rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}},
-                    "leangen.hf.config.llama2_tied"),
+                    "leangen.hf.builders.llama2_tied"),
     "llama3-factor16": ("llama", False, {"max_position_embeddings": 131072, "rope_parameters": {
         **LLAMA3_ROPE, "factor": 16.0, "rope_theta": 500000.0}}, "torchtune.models.llama3_2.llama3_2"),
     "mistral": ("mistral", False, {"sliding_window": 4096}, "torchtune.models.mistral.mistral"),
     "qwen2": ("qwen2", True, {}, "torchtune.models.qwen2.qwen2"),
     "gemma": ("gemma", True, {}, "torchtune.models.gemma.gemma"),
-    "gemma2": ("gemma2", True, {}, "leangen.hf.config.gemma2"),
+    "gemma2": ("gemma2", True, {}, "leangen.hf.builders.gemma2"),
     "phi3": ("phi3", False, {}, "torchtune.models.phi3.phi3"),
 }
 

@@ -10,7 +10,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 from busy import Window, start_hogs, stop_hogs

@@ -12,7 +12,6 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
-
 from leangen.errors import ConfigError
 
 # The `eval` extra of pyproject.toml, spelled as a plain requirement: leangen is not on

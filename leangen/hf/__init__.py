@@ -1,2 +1,3 @@
-"""A Hugging Face model folder: ``config.json`` to a builder (and a check of any other
-builder), the ``tokenizer.json`` tokenizer, and the folder's chat template."""
+"""A Hugging Face model folder: ``config.json`` parsed (``config``), the torchtune builder it
+needs (``families``, with the ``builders`` torchtune lacks), the check of any other builder
+against it (``check``), the ``tokenizer.json`` tokenizer and the folder's chat template."""

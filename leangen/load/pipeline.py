@@ -16,7 +16,9 @@ from leangen.checkpoint import CheckpointPath, open_raw
 from leangen.checkpoint.convert import Geometry, Transform
 from leangen.checkpoint.view import Checkpoint, open_checkpoint
 from leangen.errors import ConfigError, ConversionError, LeangenError
-from leangen.hf.config import builder_for, check_model, parse_config
+from leangen.hf.check import check_model
+from leangen.hf.config import parse_config
+from leangen.hf.families import builder_for
 from leangen.load.buffers import check_no_meta, materialise_buffers
 from leangen.load.device import resolve_device
 from leangen.load.dtypes import DTYPES, dtype_name

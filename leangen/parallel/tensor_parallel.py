@@ -45,7 +45,7 @@ TP_PLANS: dict[str, str] = {
                      "torchtune.models.llama3_2", "torchtune.models.llama3_3",
                      "torchtune.models.code_llama2", "torchtune.models.mistral",
                      "torchtune.models.qwen2", "torchtune.models.qwen2_5"], LLAMA_PLAN),
-    "leangen.hf.config.llama2_tied": LLAMA_PLAN,  # torchtune's llama2 with a tied output
+    "leangen.hf.builders.llama2_tied": LLAMA_PLAN,  # torchtune's llama2 with a tied output
 }
 
 # Parameters whose sharded dimension may split unevenly: the embedding's and the

@@ -37,6 +37,7 @@ from leangen.parallel.ranks import peer_failure, stop
 from leangen.recipe.console import DEBUG_ENV, INTERRUPTED, print_line, show_warning
 from leangen.recipe.overrides import apply_overrides, type_name
 
+
 def _demo_file(name: str = "") -> str:
     return str(demo_dir() / name)
 

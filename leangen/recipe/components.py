@@ -8,7 +8,6 @@ ever written to the checkpointer's ``output_dir``.
 from __future__ import annotations
 
 import difflib
-
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
