@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tiny_models import copy_checkpoint
+from tiny_models import copy_checkpoint, load_demo
 from tiny_models import mapped_file as _mapped_file
 
 import leangen
@@ -266,8 +266,8 @@ def test_the_key_says_which_groups_a_width_takes(tmp_path):
         with torch.device("meta"):
             model = torch.nn.Sequential(torch.nn.Linear(width, 64), torch.nn.Linear(256, 64))
         entry[width] = quant_cache.open_cache(tmp_path / "cache", files, None, quantizer, torch.bfloat16, model)
-    assert entry[256].key["quantize"] == {"kind": "int4", "group_size": 128, "groups_used": [128]}
-    assert entry[576].key["quantize"] == {"kind": "int4", "group_size": 128, "groups_used": [128, 64]}
+    assert entry[256].key["quantize"] == {"kind": "int4", "groups_used": [128]}
+    assert entry[576].key["quantize"] == {"kind": "int4", "groups_used": [128, 64]}
     assert "-int4-g128-bfloat16-" in entry[256].path.name
     assert "-int4-g128-g64-bfloat16-" in entry[576].path.name
 
@@ -451,3 +451,14 @@ def test_a_killed_writers_part_file_is_removed_and_a_live_ones_kept(tiny_checkpo
     assert not stale.exists()
     assert live.exists()  # may be another process's write in flight
     assert other.exists()  # another entry's: its own next write cleans it
+
+
+def test_a_group_that_falls_back_everywhere_shares_the_entry_of_the_group_it_fell_to(cache_home, capfd):
+    """The demo is 64 and 192 wide: asking 128 quantizes every Linear at 64, exactly as
+    asking 64 does, so the second load is a hit on the first's entry."""
+    spec = leangen.quant.quantize.QuantSpec
+    asked_128 = load_demo(quantize=spec("int4", group_size=128), dtype="bf16", quantize_cache="auto")
+    asked_64 = load_demo(quantize=spec("int4", group_size=64), dtype="bf16", quantize_cache="auto")
+    assert (status(asked_128), status(asked_64)) == ("written", "hit")
+    assert len(entries(cache_home / "leangen")) == 1
+    assert asked_64.leangen.quantization.groups == asked_128.leangen.quantization.groups == {64: 15}

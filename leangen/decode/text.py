@@ -31,7 +31,8 @@ def prompts_for(prompt: str | dict | None, tokenizer, *, prompts_file: str | Non
         unknown = sorted(set(prompt) - {"system", "user"})
         if unknown:
             raise ConfigError(f"prompt.{unknown[0]}: a chat prompt has only 'system' and 'user'; "
-                              "for several turns use prompts_file with 'messages'.")
+                              "for several turns use prompts_file with 'messages', and for a raw "
+                              "text that reads as a mapping, a .txt prompts_file.")
         if not prompt.get("user"):
             raise ConfigError("prompt.user is empty: give the user's message.")
         prompt = [{"role": r, "content": str(prompt[r])} for r in ("system", "user") if prompt.get(r)]

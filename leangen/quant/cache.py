@@ -85,8 +85,9 @@ def open_cache(setting: CacheSetting, files: tuple[Path, ...], config: dict | No
     groups = quantizer.planned_groups(model)
     what = _canonical({
         "checkpoint": [str(f.resolve()) for f in files], **identity,
-        "quantize": {"kind": spec.kind, "group_size": spec.group_size if spec.kind == "int4" else None,
-                     "groups_used": groups},
+        # the groups used, not the one asked: asking 128 where every layer falls back to 64
+        # quantizes exactly as asking 64 does, so both find the same entry
+        "quantize": {"kind": spec.kind, "groups_used": groups},
         "device": quantizer.device.type,  # int4's packed layout differs per device
         "dtype": str(dtype),
     })
