@@ -120,7 +120,6 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
     view = view.with_qk_layout(qk_layout(model))
     dtype = resolve_dtype(dtype, view, device)
     quantizer = Quantizer.for_load(quantize, device, dtype)  # None: keep full precision
-    counts = quantizer.counts if quantizer else None  # a rank's hook below counts into these too
     hook = quantizer
     if parallel is not None:  # each rank quantizes its shards; no cache
         hook, quantize_cache = parallel.per_rank(quantizer, quantize_cache)
@@ -160,19 +159,19 @@ def load_model(builder: Builder, checkpoint: CheckpointPath, *, device: str | to
     model.leangen = LoadReport(
         checkpoint=tuple(map(str, raw.files)), device=str(device), dtype=dtype_name(dtype),
         config=config, prepacked=prepacker.count if prepacker else None,
-        quantization=_quantization(quantizer, counts, cache), seconds=time.perf_counter() - started)
+        quantization=_quantization(quantizer, cache), seconds=time.perf_counter() - started)
     return model.eval().requires_grad_(False)
 
 
-def _quantization(quantizer: Quantizer | None, counts: dict | None, cache) -> Quantization | None:
-    """What ``quantize`` did: the scheme, the Linears counted (by the quantizer, or planned
-    from the cache on a hit), the int4 groups used and the cache's status; None without
-    ``quantize``."""
+def _quantization(quantizer: Quantizer | None, cache) -> Quantization | None:
+    """What ``quantize`` did: the scheme, the Linears counted (by the quantizer, by a
+    rank's shard hook into the quantizer's counts, or planned from the cache on a hit),
+    the int4 groups used and the cache's status; None without ``quantize``."""
     if quantizer is None:
         return None
     done = quantizer.report()
     status = cache.report() if cache else {"status": "off", "file": None}
-    return Quantization(scheme=done["kind"], group_size=done["group_size"], counts=dict(counts),
+    return Quantization(scheme=done["kind"], group_size=done["group_size"], counts={"quantized": done["quantized"], "skipped": done["skipped"]},
                         groups=done["groups"], fallbacks=done["fallbacks"],
                         description=done["description"], cache=status["status"],
                         cache_file=status["file"])
