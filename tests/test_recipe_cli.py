@@ -458,3 +458,13 @@ def test_a_tokenizer_smaller_than_the_model_is_one_line_when_the_model_leaves_it
                        "max_new_tokens=40", "temperature=0")
     assert code == 1
     assert err.count("\n") == 1 and "which the tokenizer does not have (its vocabulary has 96 ids)" in err
+
+
+@pytest.mark.parametrize("override, line", [
+    ("checkpoint.strict_confg=false",
+     "error: unknown key 'checkpoint.strict_confg'. Did you mean 'checkpoint.strict_config'? (--help lists every key.)"),
+    ("checkpoint.strict_config=maybe", "error: checkpoint.strict_config=maybe: give true or false."),
+])
+def test_a_wrong_checkpoint_key_or_value_is_one_line_not_ignored(capsys, override, line):
+    code, out, err = run(capsys, "--config", "demo", override, "max_new_tokens=2")
+    assert (code, out, err) == (1, "", line + "\n")

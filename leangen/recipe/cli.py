@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import functools
 import importlib
 import json
@@ -35,7 +34,7 @@ from leangen.demo import demo_dir
 from leangen.errors import ConfigError, Interrupted, LeangenError
 from leangen.parallel.ranks import peer_failure, stop
 from leangen.recipe.console import DEBUG_ENV, INTERRUPTED, print_line, show_warning
-from leangen.recipe.overrides import apply_overrides, type_name
+from leangen.recipe.overrides import apply_overrides, type_name, unknown_key
 
 
 def _demo_file(name: str = "") -> str:
@@ -287,10 +286,7 @@ def _unknown_key(full_key: str, schema: type) -> str:
     for parent in parents:  # the block the key is in
         hint = typing.get_type_hints(schema).get(parent)
         schema = (_dataclass_of(hint) if hint else None) or schema
-    known = [f.name for f in fields(schema)]
-    close = difflib.get_close_matches(leaf, known, n=1)
-    hint = f"Did you mean '{'.'.join([*parents, close[0]])}'?" if close else f"Valid keys here: {', '.join(known)}."
-    return f"unknown key '{full_key}'. {hint} (--help lists every key.)"
+    return unknown_key(parents, leaf, [f.name for f in fields(schema)])
 
 
 def output_path(key: str, value: str | None) -> Path | None:

@@ -7,7 +7,6 @@ ever written to the checkpointer's ``output_dir``.
 
 from __future__ import annotations
 
-import difflib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from leangen.errors import ConfigError
 from leangen.load.pipeline import load_model
 from leangen.quant.quantize import DEFAULT_GROUP
 from leangen.recipe.cli import config_key
+from leangen.recipe.overrides import unknown_key
 
 # The checkpointer classes whose blocks leangen reads; any other is refused.
 CHECKPOINTERS = {
@@ -88,9 +88,7 @@ def _check_checkpoint_block(block: DictConfig) -> None:
     ignored, and ``strict_config`` must be a boolean, not any truthy text."""
     for key in block:
         if key not in CHECKPOINT_KEYS:
-            close = difflib.get_close_matches(str(key), CHECKPOINT_KEYS, n=1)
-            hint = f"Did you mean 'checkpoint.{close[0]}'?" if close else f"Keys: {', '.join(CHECKPOINT_KEYS)}."
-            raise ConfigError(f"unknown key 'checkpoint.{key}'. {hint}")
+            raise ConfigError(unknown_key(["checkpoint"], str(key), list(CHECKPOINT_KEYS)))
     if block.get("path") is None:
         raise ConfigError("checkpoint.path is not set: give a directory, a file or a list of files.")
     strict = block.get("strict_config", True)

@@ -143,14 +143,18 @@ def _block_member(hint: Any) -> Any:
     return hint
 
 
+def unknown_key(parents: list[str], leaf: str, known: list[str]) -> str:
+    """``unknown key 'a.b'.`` with the closest valid key at that place, or the valid ones:
+    the one wording for a config key that does not exist, typed or in a YAML."""
+    close = difflib.get_close_matches(leaf, known, n=1)
+    hint = f"Did you mean '{'.'.join([*parents, close[0]])}'?" if close else f"Valid keys here: {', '.join(known)}."
+    return f"unknown key '{'.'.join([*parents, leaf])}'. {hint} (--help lists every key.)"
+
+
 def _field_type(override: str, schema: type, name: str, parents: list[str]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(schema)}
     if name not in fields:
-        full = ".".join([*parents, name])
-        close = difflib.get_close_matches(name, fields, n=1)
-        hint = (f"Did you mean '{'.'.join([*parents, close[0]])}'?" if close
-                else f"Valid keys here: {', '.join(fields)}.")
-        raise ConfigError(f"{override}: unknown key '{full}'. {hint} (--help lists every key.)")
+        raise ConfigError(f"{override}: {unknown_key(parents, name, list(fields))}")
     return fields[name].metadata.get("cli_type") or typing.get_type_hints(schema)[name]
 
 
